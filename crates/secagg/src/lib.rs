@@ -1,0 +1,1 @@
+//! SecAgg+ (protocol-spec).

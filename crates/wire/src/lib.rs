@@ -1,0 +1,1 @@
+//! Protocol messages (protocol-spec §4).
