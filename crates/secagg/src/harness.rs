@@ -45,7 +45,6 @@ pub struct StageTimes {
 const BATCH: usize = 64;
 
 /// The driver.
-#[derive(Debug)]
 pub struct Harness {
     server: Server,
     clients: Vec<Option<Client>>,
@@ -62,6 +61,27 @@ pub struct Harness {
     /// Times per stage, in protocol order (filled only when a clock is given).
     pub stage_times: Vec<(Stage, StageTimes)>,
     outcome: Option<Outcome>,
+    progress: Option<Box<dyn FnMut(Progress) + Send>>,
+}
+
+/// Progress within a stage, reported after each batch of clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// The stage being collected (`None` once the round is over).
+    pub stage: Option<Stage>,
+    /// Clients processed so far in this stage.
+    pub done: usize,
+    /// Clients in the round.
+    pub total: usize,
+}
+
+impl std::fmt::Debug for Harness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Harness")
+            .field("server", &self.server)
+            .field("clients", &self.clients.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Harness {
@@ -104,7 +124,13 @@ impl Harness {
             server_errors: Vec::new(),
             stage_times: Vec::new(),
             outcome: None,
+            progress: None,
         })
+    }
+
+    /// Calls `f` after each batch of clients, for progress display.
+    pub fn on_progress(&mut self, f: impl FnMut(Progress) + Send + 'static) {
+        self.progress = Some(Box::new(f));
     }
 
     /// The server, for inspection.
@@ -165,6 +191,13 @@ impl Harness {
                 }
             }
             times.server_nanos += Self::now(clock) - start;
+            if let Some(f) = self.progress.as_mut() {
+                f(Progress {
+                    stage,
+                    done: batch[batch.len() - 1] + 1,
+                    total: self.clients.len(),
+                });
+            }
         }
         let start = Self::now(clock);
         if self.server.stage() == stage {

@@ -125,6 +125,16 @@ pub fn apply_masks(acc: &mut [u32], masks: &[MaskKey]) {
         });
 }
 
+/// Writes raw AES-128-CTR keystream for `key` into `out` (no accumulation): the primitive whose
+/// throughput bounds mask expansion, used by `fedlora limits`.
+pub fn keystream_into(key: &[u8; 16], start_byte: u64, out: &mut [u8]) {
+    let iv = [0u8; 16];
+    let mut cipher = Aes128Ctr::new(key.into(), (&iv).into());
+    cipher.seek(start_byte);
+    out.fill(0);
+    cipher.apply_keystream(out);
+}
+
 /// Expands `len` words of one mask into a fresh vector (for tests and test vectors only; the
 /// protocol never materialises a mask).
 pub fn expand(mask: &MaskKey, len: usize) -> Vec<u32> {

@@ -140,6 +140,9 @@ pub struct Aggregate {
     pub mean: Vec<f32>,
     /// Bound on `|mean − exact weighted mean of the clipped inputs|` from quantization alone.
     pub error_bound: f64,
+    /// Masks the server expanded to unmask: one self mask per survivor plus one pairwise mask per
+    /// (dropped client, surviving neighbour) pair. The work the PRG bound is computed for.
+    pub masks_removed: u64,
 }
 
 enum Phase {
@@ -403,9 +406,13 @@ impl Server {
         }
         // Fold into the accumulator right away: the individual masked vector is not kept.
         self.accumulator
-            .iter_mut()
-            .zip(&m.words)
-            .for_each(|(a, w)| *a = a.wrapping_add(*w));
+            .par_chunks_mut(crate::prg::CHUNK_WORDS)
+            .zip(m.words.par_chunks(crate::prg::CHUNK_WORDS))
+            .for_each(|(acc, words)| {
+                acc.iter_mut()
+                    .zip(words)
+                    .for_each(|(a, w)| *a = a.wrapping_add(*w))
+            });
         self.uploaded.insert(from);
         Ok(())
     }
@@ -689,6 +696,7 @@ impl Server {
             weight_sum,
             mean,
             error_bound,
+            masks_removed: masks.len() as u64,
         })));
         Ok(())
     }
