@@ -200,14 +200,15 @@ fn encode_masked_input(m: &MaskedInput) -> Result<Vec<u8>, EncodeError> {
     out.push(tag::MASKED_INPUT);
     out.push(m.ring_bits);
     out.extend_from_slice(&count.to_le_bytes());
-    if width == 4 {
-        for w in &m.words {
-            out.extend_from_slice(&w.to_le_bytes());
-        }
-    } else {
-        for w in &m.words {
-            out.extend_from_slice(&w.to_le_bytes()[..width]);
-        }
+    // One loop per width, so each word is a fixed-size copy rather than a variable-length memcpy.
+    match width {
+        4 => m.words.iter().for_each(|w| out.extend_from_slice(&w.to_le_bytes())),
+        3 => m.words.iter().for_each(|w| {
+            let b = w.to_le_bytes();
+            out.extend_from_slice(&[b[0], b[1], b[2]]);
+        }),
+        2 => m.words.iter().for_each(|w| out.extend_from_slice(&(*w as u16).to_le_bytes())),
+        _ => m.words.iter().for_each(|w| out.push(*w as u8)),
     }
     Ok(out)
 }
@@ -233,14 +234,23 @@ fn decode_masked_input(body: &[u8]) -> Result<MaskedInput, DecodeError> {
             got: payload.len() as u64,
         });
     }
-    let words = payload
-        .chunks_exact(width)
-        .map(|c| {
-            let mut le = [0u8; 4];
-            le[..width].copy_from_slice(c);
-            u32::from_le_bytes(le)
-        })
-        .collect();
+    // One loop per width (see `encode_masked_input`); `chunks_exact` lets the indexing compile to
+    // plain loads.
+    let words = match width {
+        4 => payload
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        3 => payload
+            .chunks_exact(3)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], 0]))
+            .collect(),
+        2 => payload
+            .chunks_exact(2)
+            .map(|c| u32::from(u16::from_le_bytes([c[0], c[1]])))
+            .collect(),
+        _ => payload.iter().map(|&b| u32::from(b)).collect(),
+    };
     Ok(MaskedInput { ring_bits, words })
 }
 
