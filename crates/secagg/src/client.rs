@@ -17,9 +17,9 @@ use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use fedlora_wire::{
-    AbortReason, AdvertiseKeys, ClientId, ClientMessage, EncryptedShare, KeyBroadcast,
-    MaskedInput, RevealedShare, RoundSetup, ShareBroadcast, ShareKeys, Stage, UnmaskRequest,
-    UnmaskResponse, PROTOCOL_VERSION,
+    AbortReason, AdvertiseKeys, ClientId, ClientMessage, EncryptedShare, KeyBroadcast, MaskedInput,
+    RevealedShare, RoundSetup, ShareBroadcast, ShareKeys, Stage, UnmaskRequest, UnmaskResponse,
+    PROTOCOL_VERSION,
 };
 
 use crate::graph::NeighbourGraph;
@@ -331,7 +331,7 @@ impl Client {
         if let Some(noise) = self.noise.as_mut() {
             let values = words.len() - 1;
             noise
-                .add_noise(&mut words[..values], setup.params.ring_bits, &mut self.rng)
+                .add_noise(&mut words[..values], &setup, &mut self.rng)
                 .map_err(ClientError::Noise)?;
             let mask = quantizer.ring_mask();
             words[..values].iter_mut().for_each(|w| *w &= mask);
@@ -359,7 +359,8 @@ impl Client {
         };
         self.outbox
             .push_back(ClientMessage::AdvertiseKeys(advertised.clone()));
-        self.events.push_back(ClientEvent::Sent(Stage::AdvertiseKeys));
+        self.events
+            .push_back(ClientEvent::Sent(Stage::AdvertiseKeys));
         Ok(State::AwaitKeys(Box::new(AwaitKeys {
             setup,
             words,
@@ -467,7 +468,13 @@ impl Client {
             let peer = neighbour_keys.get(&holder).ok_or_else(|| {
                 ClientError::InvalidKeys(format!("neighbour {holder} has no keys"))
             })?;
-            let key = share_key(&s.keys.cipher_sk, &peer.cipher_pk, &session, self.id, holder)?;
+            let key = share_key(
+                &s.keys.cipher_sk,
+                &peer.cipher_pk,
+                &session,
+                self.id,
+                holder,
+            )?;
             shares.push(EncryptedShare {
                 sender: self.id,
                 receiver: holder,
@@ -475,8 +482,11 @@ impl Client {
             });
         }
         let own_pair = own_pair.ok_or_else(|| ClientError::InvalidKeys("no own share".into()))?;
-        self.outbox
-            .push_back(ClientMessage::ShareKeys(ShareKeys { shares }));
+        let self_mask_commitment = kdf::self_mask_commitment(&self_seed, &session, self.id);
+        self.outbox.push_back(ClientMessage::ShareKeys(ShareKeys {
+            shares,
+            self_mask_commitment,
+        }));
         self.events.push_back(ClientEvent::Sent(Stage::ShareKeys));
         Ok(State::AwaitShares(Box::new(AwaitShares {
             setup: s.setup,
@@ -512,7 +522,13 @@ impl Client {
                     share.sender
                 )));
             }
-            let key = share_key(&s.keys.cipher_sk, &peer.cipher_pk, &s.session, self.id, share.sender)?;
+            let key = share_key(
+                &s.keys.cipher_sk,
+                &peer.cipher_pk,
+                &s.session,
+                self.id,
+                share.sender,
+            )?;
             let pair = share_box::open(&key, &s.session, share.sender, self.id, &share.ciphertext)
                 .map_err(|e| match e {
                     OpenError::Unauthentic | OpenError::Share(_) => {
@@ -533,17 +549,22 @@ impl Client {
         for &peer in held.keys() {
             let pk = &s.neighbour_keys[&peer].mask_pk;
             let seed = pairwise_seed(&s.keys.mask_sk, pk, &s.session, self.id, peer)?;
-            masks.push(MaskKey::new(&seed, &s.session, Sign::pairwise(self.id, peer)));
+            masks.push(MaskKey::new(
+                &seed,
+                &s.session,
+                Sign::pairwise(self.id, peer),
+            ));
         }
         let mut words = s.words;
         apply_masks(&mut words, &masks);
         let ring_mask = crate::quant::ring_mask(s.setup.params.ring_bits);
         let masked: Vec<u32> = words.iter().map(|w| w & ring_mask).collect();
         drop(words);
-        self.outbox.push_back(ClientMessage::MaskedInput(MaskedInput {
-            ring_bits: s.setup.params.ring_bits,
-            words: masked,
-        }));
+        self.outbox
+            .push_back(ClientMessage::MaskedInput(MaskedInput {
+                ring_bits: s.setup.params.ring_bits,
+                words: masked,
+            }));
         self.events.push_back(ClientEvent::Sent(Stage::MaskedInput));
         Ok(State::AwaitUnmask(Box::new(AwaitUnmask {
             neighbours: s.neighbour_keys.keys().copied().collect(),
@@ -564,7 +585,9 @@ impl Client {
         let survivors: BTreeSet<ClientId> = req.survivors.iter().copied().collect();
         let dropped: BTreeSet<ClientId> = req.dropped.iter().copied().collect();
         if let Some(both) = survivors.intersection(&dropped).next() {
-            return unsafe_req(format!("client {both} is listed as both survivor and dropped"));
+            return unsafe_req(format!(
+                "client {both} is listed as both survivor and dropped"
+            ));
         }
         if !survivors.contains(&self.id) {
             return unsafe_req("this client is not listed as a survivor".into());
@@ -652,5 +675,10 @@ pub(crate) fn pairwise_seed(
     if !shared.was_contributory() {
         return Err(ClientError::WeakKey(peer));
     }
-    Ok(kdf::pairwise_mask_seed(shared.as_bytes(), session, me, peer))
+    Ok(kdf::pairwise_mask_seed(
+        shared.as_bytes(),
+        session,
+        me,
+        peer,
+    ))
 }

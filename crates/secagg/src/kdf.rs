@@ -80,7 +80,12 @@ pub fn session_id(
 
 /// Implements the pairwise mask seed derivation (protocol-spec §3.3): HKDF over the X25519 shared
 /// secret of the mask keys, bound to the session and the unordered pair.
-pub fn pairwise_mask_seed(shared: &[u8; 32], session: &SessionId, a: ClientId, b: ClientId) -> Seed {
+pub fn pairwise_mask_seed(
+    shared: &[u8; 32],
+    session: &SessionId,
+    a: ClientId,
+    b: ClientId,
+) -> Seed {
     let (lo, hi) = (a.min(b), a.max(b));
     let mut out = [0u8; 32];
     hkdf_into(
@@ -94,7 +99,12 @@ pub fn pairwise_mask_seed(shared: &[u8; 32], session: &SessionId, a: ClientId, b
 
 /// Implements the share encryption key derivation (protocol-spec §3.6): HKDF over the X25519 shared
 /// secret of the cipher keys, bound to the session and the unordered pair; 16 bytes for AES-128-GCM.
-pub fn share_key(shared: &[u8; 32], session: &SessionId, a: ClientId, b: ClientId) -> zeroize::Zeroizing<[u8; 16]> {
+pub fn share_key(
+    shared: &[u8; 32],
+    session: &SessionId,
+    a: ClientId,
+    b: ClientId,
+) -> zeroize::Zeroizing<[u8; 16]> {
     let (lo, hi) = (a.min(b), a.max(b));
     let mut out = zeroize::Zeroizing::new([0u8; 16]);
     hkdf_into(
@@ -110,7 +120,12 @@ pub fn share_key(shared: &[u8; 32], session: &SessionId, a: ClientId, b: ClientI
 /// is HKDF of the full 32-byte seed, so all of the seed's entropy reaches the cipher.
 pub fn prg_key(seed: &Seed, session: &SessionId) -> zeroize::Zeroizing<[u8; 16]> {
     let mut out = zeroize::Zeroizing::new([0u8; 16]);
-    hkdf_into(seed.expose(), &session.0, &[&label("prg-key")], out.as_mut());
+    hkdf_into(
+        seed.expose(),
+        &session.0,
+        &[&label("prg-key")],
+        out.as_mut(),
+    );
     out
 }
 
@@ -120,6 +135,17 @@ pub fn graph_seed(session: &SessionId) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(label("graph"));
     h.update(session.0);
+    h.finalize().into()
+}
+
+/// Implements the self-mask commitment (protocol-spec §3.7):
+/// `SHA-256(label("self-mask-commitment") ‖ session ‖ client ‖ seed)`.
+pub fn self_mask_commitment(seed: &Seed, session: &SessionId, client: ClientId) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(label("self-mask-commitment"));
+    h.update(session.0);
+    h.update(client.to_le_bytes());
+    h.update(seed.expose());
     h.finalize().into()
 }
 

@@ -49,13 +49,15 @@ pub trait KeyAuthenticator: Send + Sync {
 
 /// Adds differential-privacy noise to the quantized words before they are masked
 /// (protocol-spec §7). Words are ring elements modulo `2^ring_bits`; the implementation adds noise
-/// modulo `2^32` and the client reduces afterwards. The weight word is not passed.
+/// modulo `2^32` and the client reduces afterwards. The weight word is not passed. The round's
+/// setup is passed so the implementation can calibrate from the client's own privacy settings and
+/// the round's quantization (a client never takes its noise level from the server).
 pub trait RingNoise: Send {
     /// Adds noise in place.
     fn add_noise(
         &mut self,
         words: &mut [u32],
-        ring_bits: u8,
+        setup: &fedlora_wire::RoundSetup,
         rng: &mut dyn rand_core::CryptoRng,
     ) -> Result<(), String>;
 }

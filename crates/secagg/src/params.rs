@@ -46,6 +46,9 @@ pub struct ParamRequest {
     pub weight_bound: u32,
     /// Minimum fixed-point precision in bits.
     pub min_quant_bits: u8,
+    /// Cap on the precision, to leave headroom in the ring for noise added inside the masks
+    /// (protocol-spec §7): `None` uses every bit the sum does not need.
+    pub max_quant_bits: Option<u8>,
     /// Force a ring width instead of the smallest one that fits.
     pub ring_bits: Option<u8>,
 }
@@ -62,6 +65,7 @@ impl ParamRequest {
             clip: 1.0,
             weight_bound: 1,
             min_quant_bits: 16,
+            max_quant_bits: None,
             ring_bits: None,
         }
     }
@@ -124,6 +128,25 @@ pub enum ParamError {
         weight_bound: u32,
         /// Bits that would be needed.
         needed: u32,
+    },
+    /// The degree is neither the complete graph (`num_clients − 1`) nor an even number of at least 2:
+    /// a degree-0 graph would let the server unmask each input from its owner's own share.
+    #[error("degree {degree} is invalid for {num_clients} clients (need an even degree >= 2, or {complete} for the complete graph)", complete = num_clients.saturating_sub(1))]
+    BadDegree {
+        /// The degree given.
+        degree: u32,
+        /// Clients in the round.
+        num_clients: u32,
+    },
+    /// The threshold is not a strict majority of the neighbourhood (itself included).
+    #[error(
+        "threshold {threshold} must be a strict majority of the neighbourhood of {neighbourhood}"
+    )]
+    BadThreshold {
+        /// The threshold given.
+        threshold: u32,
+        /// Neighbourhood size, the client itself included.
+        neighbourhood: u32,
     },
     /// A forced ring width is not 8, 16, 24 or 32, or does not hold the sum.
     #[error("ring width {ring_bits} cannot hold the sum (needs one of 8/16/24/32 with at least {needed} bits)")]
@@ -191,19 +214,24 @@ pub fn choose_ring(
     let weight_bits = 64 - (u64::from(clients) * u64::from(weight_bound)).leading_zeros();
     let needed = (u32::from(min_quant_bits) + headroom).max(weight_bits + 1);
     let fits = |b: u8| u32::from(b) >= needed;
-    let b = match forced {
-        Some(b) if [8, 16, 24, 32].contains(&b) && fits(b) => b,
-        Some(b) => return Err(ParamError::BadRingBits { ring_bits: b, needed }),
-        None => [8u8, 16, 24, 32]
-            .into_iter()
-            .find(|&b| fits(b))
-            .ok_or(ParamError::RingTooNarrow {
-                clients,
-                quant_bits: min_quant_bits,
-                weight_bound,
-                needed,
-            })?,
-    };
+    let b =
+        match forced {
+            Some(b) if [8, 16, 24, 32].contains(&b) && fits(b) => b,
+            Some(b) => {
+                return Err(ParamError::BadRingBits {
+                    ring_bits: b,
+                    needed,
+                })
+            }
+            None => [8u8, 16, 24, 32].into_iter().find(|&b| fits(b)).ok_or(
+                ParamError::RingTooNarrow {
+                    clients,
+                    quant_bits: min_quant_bits,
+                    weight_bound,
+                    needed,
+                },
+            )?,
+        };
     // The precision uses every bit the headroom leaves; at most 31 so the scale fits an i32 range.
     let q = (u32::from(b) - headroom).min(31) as u8;
     Ok((b, q))
@@ -235,8 +263,17 @@ pub fn derive(req: &ParamRequest) -> Result<Derivation, ParamError> {
     if req.weight_bound == 0 {
         return Err(ParamError::ZeroWeightBound);
     }
-    let (ring_bits, quant_bits) =
+    let (ring_bits, mut quant_bits) =
         choose_ring(n, req.weight_bound, req.min_quant_bits, req.ring_bits)?;
+    if let Some(cap) = req.max_quant_bits {
+        if cap < req.min_quant_bits.max(2) {
+            return Err(ParamError::BadExponent {
+                name: "max quant bits (below the minimum precision)",
+                value: f64::from(cap),
+            });
+        }
+        quant_bits = quant_bits.min(cap);
+    }
     let (delta, gamma) = (req.expected_dropout, req.corrupt_fraction);
     let log2_n = f64::from(n).log2();
     let mut k = 2u32;
@@ -245,9 +282,8 @@ pub fn derive(req: &ParamRequest) -> Result<Derivation, ParamError> {
         if log2_disconnect <= -req.security_bits {
             let size = k + 1;
             let majority = size / 2 + 1;
-            let t = (majority..=size).find(|&t| {
-                log2_n + log2_binomial_upper_tail(k, gamma, t) <= -req.security_bits
-            });
+            let t = (majority..=size)
+                .find(|&t| log2_n + log2_binomial_upper_tail(k, gamma, t) <= -req.security_bits);
             if let Some(t) = t {
                 // Fewer than t survivors among k + 1 = more than k + 1 - t dropouts.
                 let log2_failure = log2_n + log2_binomial_upper_tail(size, delta, size - t + 1);
@@ -303,7 +339,8 @@ pub fn validate(params: &RoundParams, num_clients: u32) -> Result<(), ParamError
         return Err(ParamError::ZeroWeightBound);
     }
     let headroom = ceil_log2(u64::from(num_clients)) + 1;
-    let weight_bits = 64 - (u64::from(num_clients) * u64::from(params.weight_bound)).leading_zeros();
+    let weight_bits =
+        64 - (u64::from(num_clients) * u64::from(params.weight_bound)).leading_zeros();
     let needed = (u32::from(params.quant_bits) + headroom).max(weight_bits + 1);
     if ![8, 16, 24, 32].contains(&params.ring_bits)
         || u32::from(params.ring_bits) < needed
@@ -314,11 +351,18 @@ pub fn validate(params: &RoundParams, num_clients: u32) -> Result<(), ParamError
             needed,
         });
     }
+    let complete = params.degree >= num_clients - 1;
+    if !complete && (params.degree < 2 || params.degree % 2 != 0) {
+        return Err(ParamError::BadDegree {
+            degree: params.degree,
+            num_clients,
+        });
+    }
     let size = params.degree.min(num_clients - 1) + 1;
-    if params.threshold == 0 || params.threshold > size || 2 * params.threshold <= size {
-        return Err(ParamError::BadRate {
-            name: "threshold (must be a strict majority of the neighbourhood)",
-            value: f64::from(params.threshold),
+    if params.threshold > size || 2 * params.threshold <= size {
+        return Err(ParamError::BadThreshold {
+            threshold: params.threshold,
+            neighbourhood: size,
         });
     }
     Ok(())
@@ -367,18 +411,44 @@ mod tests {
     fn a_sum_that_cannot_fit_is_refused_not_wrapped() {
         let mut req = ParamRequest::new(1 << 20);
         req.min_quant_bits = 16;
-        assert!(matches!(derive(&req), Err(ParamError::RingTooNarrow { needed: 37, .. })));
+        assert!(matches!(
+            derive(&req),
+            Err(ParamError::RingTooNarrow { needed: 37, .. })
+        ));
         let mut req = ParamRequest::new(1024);
         req.weight_bound = u32::MAX;
-        assert!(matches!(derive(&req), Err(ParamError::RingTooNarrow { .. })));
+        assert!(matches!(
+            derive(&req),
+            Err(ParamError::RingTooNarrow { .. })
+        ));
         let mut req = ParamRequest::new(10);
         req.ring_bits = Some(16);
-        assert!(matches!(derive(&req), Err(ParamError::BadRingBits { ring_bits: 16, needed: 21 })));
+        assert!(matches!(
+            derive(&req),
+            Err(ParamError::BadRingBits {
+                ring_bits: 16,
+                needed: 21
+            })
+        ));
+    }
+
+    #[test]
+    fn precision_can_be_capped_for_noise_headroom() {
+        let mut req = ParamRequest::new(10);
+        req.max_quant_bits = Some(17);
+        let d = derive(&req).unwrap();
+        assert_eq!((d.params.ring_bits, d.params.quant_bits), (24, 17));
+        validate(&d.params, 10).unwrap();
+        req.max_quant_bits = Some(8);
+        assert!(matches!(derive(&req), Err(ParamError::BadExponent { .. })));
     }
 
     #[test]
     fn bad_requests_are_typed_errors() {
-        assert_eq!(derive(&ParamRequest::new(1)), Err(ParamError::TooFewClients(1)));
+        assert_eq!(
+            derive(&ParamRequest::new(1)),
+            Err(ParamError::TooFewClients(1))
+        );
         let mut r = ParamRequest::new(10);
         r.expected_dropout = f64::NAN;
         assert!(matches!(derive(&r), Err(ParamError::BadRate { .. })));
@@ -401,7 +471,33 @@ mod tests {
     fn validate_refuses_a_minority_threshold() {
         let mut p = derive(&ParamRequest::new(10)).unwrap().params;
         p.threshold = 5;
-        assert!(validate(&p, 10).is_err());
+        assert_eq!(
+            validate(&p, 10),
+            Err(ParamError::BadThreshold {
+                threshold: 5,
+                neighbourhood: 10
+            })
+        );
+        // Degree 0 with threshold 1 would let the server unmask each input alone.
+        let mut q = derive(&ParamRequest::new(10)).unwrap().params;
+        q.degree = 0;
+        q.threshold = 1;
+        assert_eq!(
+            validate(&q, 10),
+            Err(ParamError::BadDegree {
+                degree: 0,
+                num_clients: 10
+            })
+        );
+        q.degree = 3;
+        q.threshold = 3;
+        assert_eq!(
+            validate(&q, 10),
+            Err(ParamError::BadDegree {
+                degree: 3,
+                num_clients: 10
+            })
+        );
         p.threshold = 6;
         p.ring_bits = 16;
         assert!(validate(&p, 10).is_err());

@@ -4,7 +4,7 @@
 //! `w / W`, scales by `2^(q-1) / c` and rounds stochastically (up with probability equal to the
 //! fractional part), so the quantized value is an unbiased integer in `[-2^(q-1), 2^(q-1)]`. It is
 //! stored in two's complement modulo `2^b`. The weight itself is appended as one more word. The
-//! server's sum of `n ≤ 2^⌈log2 n⌉` such words is below `2^(b-2)` in magnitude by the choice of
+//! server's sum of `n ≤ 2^⌈log2 n⌉` such words is at most `2^(b-2)` in magnitude by the choice of
 //! `b` and `q` (§5.3), so reading it back as a signed `b`-bit integer is exact.
 
 use fedlora_wire::RoundParams;
@@ -188,14 +188,26 @@ mod tests {
         ));
         assert_eq!(
             q.quantize(&[1.0], 0, &mut rng).unwrap_err(),
-            QuantError::BadWeight { weight: 0, bound: 5 }
+            QuantError::BadWeight {
+                weight: 0,
+                bound: 5
+            }
         );
         assert_eq!(
             q.quantize(&[1.0], 6, &mut rng).unwrap_err(),
-            QuantError::BadWeight { weight: 6, bound: 5 }
+            QuantError::BadWeight {
+                weight: 6,
+                bound: 5
+            }
         );
-        assert_eq!(q.weighted_mean(&[]).unwrap_err(), QuantError::EmptyAggregate);
-        assert_eq!(q.weighted_mean(&[3, 0]).unwrap_err(), QuantError::EmptyAggregate);
+        assert_eq!(
+            q.weighted_mean(&[]).unwrap_err(),
+            QuantError::EmptyAggregate
+        );
+        assert_eq!(
+            q.weighted_mean(&[3, 0]).unwrap_err(),
+            QuantError::EmptyAggregate
+        );
     }
 
     #[test]
@@ -205,7 +217,11 @@ mod tests {
         // 0.3 * 2^7 / 2 = 19.2 units: the mean of many roundings must approach it.
         let x = vec![0.3f32; 20_000];
         let (words, _) = q.quantize(&x, 1, &mut rng).unwrap();
-        let mean: f64 = words[..x.len()].iter().map(|&w| signed(w, 24) as f64).sum::<f64>() / x.len() as f64;
+        let mean: f64 = words[..x.len()]
+            .iter()
+            .map(|&w| signed(w, 24) as f64)
+            .sum::<f64>()
+            / x.len() as f64;
         assert!((mean - 19.2).abs() < 0.02, "mean {mean}");
     }
 

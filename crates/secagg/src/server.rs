@@ -14,9 +14,9 @@ use rayon::prelude::*;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use fedlora_wire::{
-    AbortReason, AdvertiseKeys, ClientId, ClientMessage, EncryptedShare, KeyBroadcast,
-    MaskedInput, PublicKeys, RoundParams, RoundSetup, ServerMessage, ShareBroadcast, ShareKeys,
-    Stage, TensorSpec, UnmaskRequest, UnmaskResponse, PROTOCOL_VERSION,
+    AbortReason, AdvertiseKeys, ClientId, ClientMessage, EncryptedShare, KeyBroadcast, MaskedInput,
+    PublicKeys, RoundParams, RoundSetup, ServerMessage, ShareBroadcast, ShareKeys, Stage,
+    TensorSpec, UnmaskRequest, UnmaskResponse, PROTOCOL_VERSION,
 };
 
 use crate::graph::NeighbourGraph;
@@ -161,6 +161,7 @@ pub struct Server {
     session: Option<SessionId>,
     graph: Option<NeighbourGraph>,
     shared: BTreeMap<ClientId, Vec<EncryptedShare>>,
+    commitments: BTreeMap<ClientId, [u8; 32]>,
     accumulator: Vec<u32>,
     uploaded: BTreeSet<ClientId>,
     unmask_requested: BTreeSet<ClientId>,
@@ -214,6 +215,7 @@ impl Server {
             session: None,
             graph: None,
             shared: BTreeMap::new(),
+            commitments: BTreeMap::new(),
             accumulator: Vec::new(),
             uploaded: BTreeSet::new(),
             unmask_requested: BTreeSet::new(),
@@ -293,7 +295,11 @@ impl Server {
     }
 
     /// Feeds one client message. A rejected message leaves the round as it was.
-    pub fn handle_message(&mut self, from: ClientId, msg: ClientMessage) -> Result<(), ServerError> {
+    pub fn handle_message(
+        &mut self,
+        from: ClientId,
+        msg: ClientMessage,
+    ) -> Result<(), ServerError> {
         if from >= self.config.num_clients {
             return Err(ServerError::UnknownClient(from));
         }
@@ -379,6 +385,7 @@ impl Server {
                 ),
             ));
         }
+        self.commitments.insert(from, m.self_mask_commitment);
         self.shared.insert(from, m.shares);
         Ok(())
     }
@@ -474,7 +481,8 @@ impl Server {
             Stage::MaskedInput => self.uploaded.len(),
             Stage::Unmask => self.responded.len(),
         } as u32;
-        self.events.push_back(ServerEvent::StageClosed { stage, survivors });
+        self.events
+            .push_back(ServerEvent::StageClosed { stage, survivors });
         let threshold = self.config.params.threshold;
         if survivors < threshold {
             return self.abort(AbortReason::TooFewSurvivors {
@@ -508,7 +516,8 @@ impl Server {
         self.accumulator = Vec::new();
         self.outbox.clear();
         for c in 0..self.config.num_clients {
-            self.outbox.push_back((c, ServerMessage::Abort(reason.clone())));
+            self.outbox
+                .push_back((c, ServerMessage::Abort(reason.clone())));
         }
         self.events.push_back(ServerEvent::Aborted(reason));
     }
@@ -524,7 +533,14 @@ impl Server {
             })
             .collect();
         let c = &self.config;
-        let session = kdf::session_id(c.round, &c.nonce, c.num_clients, &c.params, &c.manifest, &keys);
+        let session = kdf::session_id(
+            c.round,
+            &c.nonce,
+            c.num_clients,
+            &c.params,
+            &c.manifest,
+            &keys,
+        );
         let members: Vec<ClientId> = self.advertised.keys().copied().collect();
         self.graph = Some(NeighbourGraph::new(
             &kdf::graph_seed(&session),
@@ -549,7 +565,11 @@ impl Server {
         let live: BTreeSet<ClientId> = self.shared.keys().copied().collect();
         // Every live client's secrets must be held by at least t live clients (itself included).
         for &c in &live {
-            let holders = 1 + graph.neighbours(c).iter().filter(|n| live.contains(n)).count();
+            let holders = 1 + graph
+                .neighbours(c)
+                .iter()
+                .filter(|n| live.contains(n))
+                .count();
             check_holders(Stage::ShareKeys, c, holders, self.config.params.threshold)?;
         }
         let mut inbox: BTreeMap<ClientId, Vec<EncryptedShare>> = BTreeMap::new();
@@ -626,9 +646,24 @@ impl Server {
         let mut masks: Vec<MaskKey> = Vec::new();
         // Self masks of the survivors.
         for &c in &self.uploaded {
-            let shares = self.self_mask_shares.get(&c).map_or(&[][..], |v| v.as_slice());
+            let shares = self
+                .self_mask_shares
+                .get(&c)
+                .map_or(&[][..], |v| v.as_slice());
             check_holders(stage, c, shares.len(), t)?;
             let seed = shamir::combine(shares, t as usize).map_err(|_| reconstruction_failed(c))?;
+            // A wrong share yields a different seed; the commitment catches it (protocol-spec §3.7).
+            let committed = self
+                .commitments
+                .get(&c)
+                .ok_or_else(|| reconstruction_failed(c))?;
+            let recomputed = kdf::self_mask_commitment(&seed, &session, c);
+            if !bool::from(subtle::ConstantTimeEq::ct_eq(
+                &recomputed[..],
+                &committed[..],
+            )) {
+                return Err(reconstruction_failed(c));
+            }
             masks.push(MaskKey::new(&seed, &session, Sign::Minus));
         }
         // Pairwise masks the survivors added towards dropped neighbours.
@@ -647,19 +682,29 @@ impl Server {
             if live.is_empty() {
                 continue;
             }
-            let shares = self.mask_key_shares.get(&c).map_or(&[][..], |v| v.as_slice());
+            let shares = self
+                .mask_key_shares
+                .get(&c)
+                .map_or(&[][..], |v| v.as_slice());
             check_holders(stage, c, shares.len(), t)?;
-            let sk_bytes = shamir::combine(shares, t as usize).map_err(|_| reconstruction_failed(c))?;
+            let sk_bytes =
+                shamir::combine(shares, t as usize).map_err(|_| reconstruction_failed(c))?;
             let sk = StaticSecret::from(*sk_bytes.expose());
             // The reconstructed key must match the advertised one: this catches wrong shares.
-            let advertised = self.advertised.get(&c).ok_or_else(|| reconstruction_failed(c))?;
+            let advertised = self
+                .advertised
+                .get(&c)
+                .ok_or_else(|| reconstruction_failed(c))?;
             if PublicKey::from(&sk).to_bytes() != advertised.mask_pk {
                 return Err(reconstruction_failed(c));
             }
             let derived: Result<Vec<MaskKey>, AbortReason> = live
                 .par_iter()
                 .map(|&j| {
-                    let pk = self.advertised.get(&j).ok_or_else(|| reconstruction_failed(j))?;
+                    let pk = self
+                        .advertised
+                        .get(&j)
+                        .ok_or_else(|| reconstruction_failed(j))?;
                     let seed: Seed = crate::client::pairwise_seed(&sk, &pk.mask_pk, &session, c, j)
                         .map_err(|_| reconstruction_failed(c))?;
                     // Survivor j added Sign::pairwise(j, c); remove it.
@@ -673,11 +718,12 @@ impl Server {
         let mask = ring_mask(self.config.params.ring_bits);
         sum.iter_mut().for_each(|w| *w &= mask);
         let quantizer = Quantizer::new(&self.config.params);
-        let (mean, weight_sum) = quantizer.weighted_mean(&sum).map_err(|e: QuantError| {
-            AbortReason::Cancelled {
-                detail: e.to_string(),
-            }
-        })?;
+        let (mean, weight_sum) =
+            quantizer
+                .weighted_mean(&sum)
+                .map_err(|e: QuantError| AbortReason::Cancelled {
+                    detail: e.to_string(),
+                })?;
         let survivors: Vec<ClientId> = self.uploaded.iter().copied().collect();
         let error_bound = quantizer.error_bound(survivors.len(), weight_sum);
         sum.pop();
@@ -688,21 +734,27 @@ impl Server {
             .filter(|c| !self.uploaded.contains(c))
             .collect();
         self.phase = Phase::Finished;
-        self.events.push_back(ServerEvent::Finished(Box::new(Aggregate {
-            round: self.config.round,
-            survivors,
-            dropped,
-            sum,
-            weight_sum,
-            mean,
-            error_bound,
-            masks_removed: masks.len() as u64,
-        })));
+        self.events
+            .push_back(ServerEvent::Finished(Box::new(Aggregate {
+                round: self.config.round,
+                survivors,
+                dropped,
+                sum,
+                weight_sum,
+                mean,
+                error_bound,
+                masks_removed: masks.len() as u64,
+            })));
         Ok(())
     }
 }
 
-fn check_holders(stage: Stage, client: ClientId, holders: usize, threshold: u32) -> Result<(), AbortReason> {
+fn check_holders(
+    stage: Stage,
+    client: ClientId,
+    holders: usize,
+    threshold: u32,
+) -> Result<(), AbortReason> {
     if holders < threshold as usize {
         Err(AbortReason::NeighbourhoodBelowThreshold {
             stage,

@@ -266,10 +266,16 @@ mod tests {
         let shares = split(&Seed::from_bytes([3; 32]), 3, &[0, 1, 2], &mut rng).unwrap();
         assert_eq!(
             combine(&shares[..2], 3).unwrap_err(),
-            ShamirError::TooFewShares { got: 2, threshold: 3 }
+            ShamirError::TooFewShares {
+                got: 2,
+                threshold: 3
+            }
         );
         let dup = vec![shares[0].clone(), shares[0].clone(), shares[1].clone()];
-        assert_eq!(combine(&dup, 3).unwrap_err(), ShamirError::DuplicateHolder(0));
+        assert_eq!(
+            combine(&dup, 3).unwrap_err(),
+            ShamirError::DuplicateHolder(0)
+        );
         let mut bad = [0xffu8; SHARE_BYTES];
         bad[0] = 0;
         assert_eq!(
@@ -315,7 +321,10 @@ mod tests {
         // Chi-square of each against uniform over 16 bins: 15 degrees of freedom, p = 0.001 at 37.7.
         for c in &counts {
             let expected = f64::from(trials) / 16.0;
-            let chi: f64 = c.iter().map(|&o| (f64::from(o) - expected).powi(2) / expected).sum();
+            let chi: f64 = c
+                .iter()
+                .map(|&o| (f64::from(o) - expected).powi(2) / expected)
+                .sum();
             assert!(chi < 37.7, "chi-square {chi} for {c:?}");
         }
     }

@@ -12,7 +12,7 @@ use fedlora_wire::{ClientId, SHARE_BYTES};
 use zeroize::Zeroizing;
 
 use crate::kdf::{label, SessionId};
-use crate::shamir::{Share, ShamirError};
+use crate::shamir::{ShamirError, Share};
 
 /// Plaintext length of one share pair.
 pub const PLAINTEXT_BYTES: usize = 8 + 2 * SHARE_BYTES;
@@ -129,8 +129,14 @@ mod tests {
 
     fn pair(holder: ClientId) -> SharePair {
         SharePair {
-            self_mask: Share { holder, values: [1, 2, 3, 4, 5] },
-            mask_key: Share { holder, values: [6, 7, 8, 9, 10] },
+            self_mask: Share {
+                holder,
+                values: [1, 2, 3, 4, 5],
+            },
+            mask_key: Share {
+                holder,
+                values: [6, 7, 8, 9, 10],
+            },
         }
     }
 
@@ -147,12 +153,21 @@ mod tests {
         let s = SessionId([3; 32]);
         let ct = seal(&[1; 16], &s, 4, 9, &pair(9));
         assert_eq!(open(&[2; 16], &s, 4, 9, &ct), Err(OpenError::Unauthentic));
-        assert_eq!(open(&[1; 16], &SessionId([4; 32]), 4, 9, &ct), Err(OpenError::Unauthentic));
+        assert_eq!(
+            open(&[1; 16], &SessionId([4; 32]), 4, 9, &ct),
+            Err(OpenError::Unauthentic)
+        );
         assert_eq!(open(&[1; 16], &s, 5, 9, &ct), Err(OpenError::Unauthentic));
         assert_eq!(open(&[1; 16], &s, 4, 8, &ct), Err(OpenError::Unauthentic));
         let mut flipped = ct.clone();
         flipped[10] ^= 1;
-        assert_eq!(open(&[1; 16], &s, 4, 9, &flipped), Err(OpenError::Unauthentic));
-        assert_eq!(open(&[1; 16], &s, 4, 9, &ct[..50]), Err(OpenError::Unauthentic));
+        assert_eq!(
+            open(&[1; 16], &s, 4, 9, &flipped),
+            Err(OpenError::Unauthentic)
+        );
+        assert_eq!(
+            open(&[1; 16], &s, 4, 9, &ct[..50]),
+            Err(OpenError::Unauthentic)
+        );
     }
 }

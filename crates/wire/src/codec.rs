@@ -202,12 +202,18 @@ fn encode_masked_input(m: &MaskedInput) -> Result<Vec<u8>, EncodeError> {
     out.extend_from_slice(&count.to_le_bytes());
     // One loop per width, so each word is a fixed-size copy rather than a variable-length memcpy.
     match width {
-        4 => m.words.iter().for_each(|w| out.extend_from_slice(&w.to_le_bytes())),
+        4 => m
+            .words
+            .iter()
+            .for_each(|w| out.extend_from_slice(&w.to_le_bytes())),
         3 => m.words.iter().for_each(|w| {
             let b = w.to_le_bytes();
             out.extend_from_slice(&[b[0], b[1], b[2]]);
         }),
-        2 => m.words.iter().for_each(|w| out.extend_from_slice(&(*w as u16).to_le_bytes())),
+        2 => m
+            .words
+            .iter()
+            .for_each(|w| out.extend_from_slice(&(*w as u16).to_le_bytes())),
         _ => m.words.iter().for_each(|w| out.push(*w as u8)),
     }
     Ok(out)

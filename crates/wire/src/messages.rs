@@ -147,6 +147,9 @@ pub struct EncryptedShare {
 pub struct ShareKeys {
     /// One entry per neighbour that advertised keys.
     pub shares: Vec<EncryptedShare>,
+    /// Hash commitment to the self-mask seed (protocol-spec §3.7), so the server can tell a
+    /// correctly reconstructed seed from one built with a wrong share.
+    pub self_mask_commitment: [u8; 32],
 }
 
 /// The encrypted shares addressed to one client (protocol-spec §4.2.3).
@@ -228,7 +231,9 @@ pub enum AbortReason {
         /// The threshold.
         threshold: u32,
     },
-    /// Reconstructed shares of a client's secret were inconsistent (a wrong share was revealed).
+    /// Reconstructed shares of a client's secret were inconsistent: the mask key did not match the
+    /// advertised public key, or the self-mask seed did not match its commitment (a wrong share was
+    /// revealed).
     ReconstructionFailed {
         /// Whose secret failed to reconstruct.
         client: ClientId,
