@@ -164,6 +164,7 @@ fn gen_kdf() {
         "share-key",
         "share",
         "advertise",
+        "self-mask-commitment",
     ] {
         cases.push(
             json!({"type": "label", "purpose": purpose, "label_hex": h(&kdf::label(purpose))}),
@@ -247,6 +248,25 @@ fn gen_kdf() {
         "type": "prg_key", "seed_hex": h(seed.expose()), "session_id_hex": h(&sid2.0),
         "prg_key_hex": h(kdf::prg_key(&seed, &sid2).as_ref()),
     }));
+    // Self-mask commitments (§3.7): one from given bytes, and the spec text's preimage checked.
+    for (seed_b, sid_b, client) in [(0x90u8, 0x40u8, 7u32), (0x00, 0xff, 0)] {
+        let seed = Seed::from_bytes(arr32(seed_b));
+        let sid = SessionId(arr32(sid_b));
+        let mut pre = kdf::label("self-mask-commitment");
+        pre.extend_from_slice(&sid.0);
+        pre.extend_from_slice(&client.to_le_bytes());
+        pre.extend_from_slice(seed.expose());
+        let commitment = kdf::self_mask_commitment(&seed, &sid, client);
+        assert_eq!(
+            <[u8; 32]>::from(Sha256::digest(&pre)),
+            commitment,
+            "§3.7 text disagrees with kdf::self_mask_commitment"
+        );
+        cases.push(json!({
+            "type": "self_mask_commitment", "seed_hex": h(seed.expose()), "session_id_hex": h(&sid.0),
+            "client": client, "preimage_hex": h(&pre), "commitment_hex": h(&commitment),
+        }));
+    }
     let cpk = arr32(1);
     let mpk = arr32(2);
     cases.push(json!({
@@ -256,13 +276,14 @@ fn gen_kdf() {
     }));
     write(
         "kdf.json",
-        "protocol-spec §3.1-§3.3, §3.6 key, §5.1 graph seed, §8.3 signed bytes. 'label': label(purpose). \
+        "protocol-spec §3.1-§3.3, §3.6 key, §3.7 self-mask commitment, §5.1 graph seed, §8.3 signed bytes. 'label': label(purpose). \
          'session_id': SHA-256 of preimage_hex (layout of §3.2) for the given round, params, manifest and \
          keys (public keys are X25519(sk, 9) of the given secret keys; signatures are not hashed); \
          graph_seed = SHA-256(label(graph) || sid). 'pair': for two of those clients, the X25519 shared \
          secrets of their mask keys and cipher keys, the pairwise mask seed (§3.3), the share key \
          (§3.6) and the PRG key of the pairwise seed (§3.4). 'pair_seed'/'share_key'/'prg_key': the \
-         HKDF derivations from given inputs.",
+         HKDF derivations from given inputs. 'self_mask_commitment': SHA-256 of preimage_hex = \
+         label(self-mask-commitment) || sid || LE32(client) || seed (§3.7).",
         cases,
     );
 }
@@ -710,6 +731,17 @@ fn gen_params() {
     let mut r = ParamRequest::new(30);
     r.expected_dropout = 0.3;
     reqs.push(r);
+    // Precision capped below what the ring allows, leaving headroom for §7 noise.
+    let mut r = ParamRequest::new(10);
+    r.max_quant_bits = Some(17);
+    reqs.push(r);
+    let mut r = ParamRequest::new(1024);
+    r.max_quant_bits = Some(16);
+    reqs.push(r);
+    // A cap above the ring's precision changes nothing.
+    let mut r = ParamRequest::new(100);
+    r.max_quant_bits = Some(31);
+    reqs.push(r);
     for req in reqs {
         let d = derive(&req).unwrap();
         params::validate(&d.params, req.clients).unwrap();
@@ -725,7 +757,8 @@ fn gen_params() {
                 "clients": req.clients, "expected_dropout": req.expected_dropout,
                 "corrupt_fraction": req.corrupt_fraction, "security_bits": req.security_bits,
                 "failure_bits": req.failure_bits, "clip": req.clip, "weight_bound": req.weight_bound,
-                "min_quant_bits": req.min_quant_bits, "ring_bits": req.ring_bits,
+                "min_quant_bits": req.min_quant_bits, "max_quant_bits": req.max_quant_bits,
+                "ring_bits": req.ring_bits,
             },
             "params": params_json(&d.params),
             "complete_graph": d.complete_graph,
@@ -735,8 +768,8 @@ fn gen_params() {
     }
     write(
         "params.json",
-        "protocol-spec §5.2-§5.4: derive(request) -> degree, threshold, ring_bits, quant_bits and the \
-         achieved log2 bounds (\"-inf\" where not applicable); integers must match exactly, the bounds \
+        "protocol-spec §5.2-§5.4: derive(request) -> degree, threshold, ring_bits, quant_bits (capped at \
+         max_quant_bits when not null) and the achieved log2 bounds (\"-inf\" where not applicable); integers must match exactly, the bounds \
          to 1e-9.",
         cases,
     );
@@ -893,6 +926,7 @@ fn gen_codec() -> Vec<Value> {
                 ciphertext: bytes_seq(0x90, 104),
             },
         ],
+        self_mask_commitment: arr32(0xc1),
     };
     cases.push(codec_case(
         "share keys",
@@ -1033,6 +1067,29 @@ fn gen_codec() -> Vec<Value> {
         "cancelled detail is not UTF-8",
         "server",
         &bad_utf8,
+        json!({"Malformed": null}),
+    ));
+    let sk_bytes = cli(&ClientMessage::ShareKeys(sk.clone()));
+    bad.push(b(
+        "share keys truncated inside the self-mask commitment",
+        "client",
+        &sk_bytes[..sk_bytes.len() - 1],
+        json!({"Malformed": null}),
+    ));
+    let mut no_commitment = vec![0x12];
+    no_commitment.extend_from_slice(&0u64.to_le_bytes());
+    bad.push(b(
+        "share keys without the self-mask commitment",
+        "client",
+        &no_commitment,
+        json!({"Malformed": null}),
+    ));
+    let mut sk_trailing = sk_bytes.clone();
+    sk_trailing.push(0);
+    bad.push(b(
+        "share keys with a trailing byte",
+        "client",
+        &sk_trailing,
         json!({"Malformed": null}),
     ));
     let mut huge = vec![0x12];
@@ -1488,23 +1545,64 @@ fn gen_bad_params() -> Vec<Value> {
         "minority threshold (5 of 10)",
         with(&|p| p.threshold = 5),
         10,
-        "BadRate",
+        "BadThreshold",
     ));
-    bad.push(v("threshold 0", with(&|p| p.threshold = 0), 10, "BadRate"));
+    bad.push(v(
+        "threshold 0",
+        with(&|p| p.threshold = 0),
+        10,
+        "BadThreshold",
+    ));
     bad.push(v(
         "threshold above the neighbourhood",
         with(&|p| p.threshold = 11),
         10,
-        "BadRate",
+        "BadThreshold",
     ));
     bad.push(v(
-        "half of a sparse neighbourhood (2 of 4)",
+        "minority of a sparse neighbourhood (2 of 5)",
         with(&|p| {
-            p.degree = 3;
+            p.degree = 4;
             p.threshold = 2
         }),
         10,
-        "BadRate",
+        "BadThreshold",
+    ));
+    bad.push(v(
+        "degree 0, threshold 1 (each input unmasked from its owner's share)",
+        with(&|p| {
+            p.degree = 0;
+            p.threshold = 1
+        }),
+        10,
+        "BadDegree",
+    ));
+    bad.push(v(
+        "odd sparse degree 3",
+        with(&|p| {
+            p.degree = 3;
+            p.threshold = 3
+        }),
+        10,
+        "BadDegree",
+    ));
+    bad.push(v(
+        "degree 1 of 10",
+        with(&|p| {
+            p.degree = 1;
+            p.threshold = 2
+        }),
+        10,
+        "BadDegree",
+    ));
+    bad.push(v(
+        "odd degree 7 with a threshold that is no majority",
+        with(&|p| {
+            p.degree = 7;
+            p.threshold = 1
+        }),
+        10,
+        "BadDegree",
     ));
     bad.push(v(
         "ring too narrow for 10 clients at 19 bits",
@@ -1559,7 +1657,8 @@ fn gen_bad_params() -> Vec<Value> {
             "clients": r.clients, "expected_dropout": r.expected_dropout.to_string(),
             "corrupt_fraction": r.corrupt_fraction.to_string(), "security_bits": r.security_bits.to_string(),
             "failure_bits": r.failure_bits.to_string(), "clip": r.clip.to_string(), "weight_bound": r.weight_bound,
-            "min_quant_bits": r.min_quant_bits, "ring_bits": r.ring_bits}, "error": err})
+            "min_quant_bits": r.min_quant_bits, "max_quant_bits": r.max_quant_bits,
+            "ring_bits": r.ring_bits}, "error": err})
     };
     bad.push(d(
         "NaN dropout rate",
@@ -1643,6 +1742,30 @@ fn gen_bad_params() -> Vec<Value> {
         10,
         "BadRingBits",
     ));
+    bad.push(d(
+        "precision cap 8 below min_quant_bits 16",
+        &|r| r.max_quant_bits = Some(8),
+        10,
+        "BadExponent",
+    ));
+    bad.push(d(
+        "precision cap 1 with min_quant_bits 1",
+        &|r| {
+            r.min_quant_bits = 1;
+            r.max_quant_bits = Some(1)
+        },
+        10,
+        "BadExponent",
+    ));
+    bad.push(d(
+        "ring too narrow is reported before a bad cap",
+        &|r| {
+            r.ring_bits = Some(16);
+            r.max_quant_bits = Some(0)
+        },
+        10,
+        "BadRingBits",
+    ));
     bad
 }
 
@@ -1650,10 +1773,75 @@ fn write_bad(name: &str, description: &str, cases: Vec<Value>) {
     write(name, description, cases);
 }
 
+fn gen_graph() {
+    use fedlora_secagg::graph::NeighbourGraph;
+    let mut cases = Vec::new();
+    let specs: Vec<(u8, Vec<u32>, u32)> = vec![
+        (0x01, (0..10).collect(), 4),
+        (0x02, vec![0, 2, 3, 5, 8, 9, 11, 12, 15, 20, 21, 30], 6),
+        (0x03, (0..10).collect(), 5),
+        (0x04, vec![1, 2, 3, 4, 6], 4),
+        (0x05, vec![0, 1, 2, 3, 4, 5, 6], 2),
+    ];
+    for (sb, members, degree) in specs {
+        let sid = SessionId(arr32(sb));
+        let seed = kdf::graph_seed(&sid);
+        let g = NeighbourGraph::new(&seed, &members, degree);
+        // Ring order from the text of protocol-spec §5.1.
+        let mut keyed: Vec<([u8; 32], u32)> = members
+            .iter()
+            .map(|&id| {
+                let mut hsh = Sha256::new();
+                hsh.update(seed);
+                hsh.update(id.to_le_bytes());
+                (hsh.finalize().into(), id)
+            })
+            .collect();
+        keyed.sort();
+        let ring: Vec<u32> = keyed.iter().map(|(_, id)| *id).collect();
+        let m = ring.len();
+        let half = (degree / 2) as usize;
+        let complete = degree as usize + 1 >= m || 2 * half + 1 >= m;
+        assert_eq!(complete, g.is_complete());
+        let mut neighbours = serde_json::Map::new();
+        for (p, &id) in ring.iter().enumerate() {
+            let mut want: Vec<u32> = if complete {
+                ring.iter().copied().filter(|&x| x != id).collect()
+            } else {
+                (1..=half)
+                    .flat_map(|d| [ring[(p + d) % m], ring[(p + m - d) % m]])
+                    .collect()
+            };
+            want.sort_unstable();
+            assert_eq!(
+                want,
+                g.neighbours(id),
+                "§5.1 text disagrees with NeighbourGraph"
+            );
+            neighbours.insert(id.to_string(), json!(want));
+        }
+        cases.push(json!({
+            "session_id_hex": h(&sid.0), "graph_seed_hex": h(&seed), "members": members,
+            "degree": degree,
+            "ring_keys_hex": keyed.iter().map(|(k, _)| h(k)).collect::<Vec<_>>(),
+            "ring_order": ring, "complete": complete, "neighbours": neighbours,
+        }));
+    }
+    write(
+        "graph.json",
+        "protocol-spec §5.1: graph_seed = SHA-256(label(graph) || sid); ring order = members sorted by \
+         SHA-256(graph_seed || LE32(id)) (ring_keys_hex, in ring order); complete iff degree + 1 >= m \
+         or 2*floor(degree/2) + 1 >= m; otherwise the floor(degree/2) nearest ring positions on each \
+         side. neighbours: each member's neighbour list, sorted by id.",
+        cases,
+    );
+}
+
 fn main() {
     std::fs::create_dir_all(out_dir()).unwrap();
     gen_kdf();
     gen_prg();
+    gen_graph();
     gen_shamir();
     let bad_box = gen_share_box();
     gen_quantization();

@@ -9,9 +9,7 @@ use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 use rayon::prelude::*;
 
-use fedlora_wire::{
-    decode_client, decode_server, encode_client, encode_server, AbortReason, Stage,
-};
+use fedlora_wire::{decode_server, encode_client, encode_server, AbortReason, Stage};
 
 use crate::client::{Client, ClientInput};
 use crate::server::{Aggregate, ConfigError, RoundConfig, Server, ServerEvent};
@@ -185,15 +183,8 @@ impl Harness {
             let uploads = self.clients_answer(batch, clock, &mut times);
             let start = Self::now(clock);
             for (from, bytes) in uploads {
-                let result = decode_client(&bytes)
-                    .map_err(|e| e.to_string())
-                    .and_then(|m| {
-                        self.server
-                            .handle_message(from, m)
-                            .map_err(|e| e.to_string())
-                    });
-                if let Err(e) = result {
-                    self.server_errors.push((from, e));
+                if let Err(e) = self.server.handle_bytes(from, &bytes) {
+                    self.server_errors.push((from, e.to_string()));
                 }
             }
             times.server_nanos += Self::now(clock) - start;

@@ -95,6 +95,14 @@ pub enum ServerError {
         /// The current stage.
         stage: Stage,
     },
+    /// The bytes are not a client message (protocol-spec §4.3).
+    #[error("undecodable message from client {from}: {detail}")]
+    Undecodable {
+        /// Sender.
+        from: ClientId,
+        /// The decoder's complaint.
+        detail: String,
+    },
     /// The message's content is malformed (wrong addressing, sizes, signature, share values).
     #[error("malformed {stage} message from client {from}: {detail}")]
     Malformed {
@@ -295,22 +303,61 @@ impl Server {
     }
 
     /// Feeds one client message. A rejected message leaves the round as it was.
-    pub fn handle_message(
-        &mut self,
-        from: ClientId,
-        msg: ClientMessage,
-    ) -> Result<(), ServerError> {
+    pub fn handle_message(&mut self, from: ClientId, msg: ClientMessage) -> Result<(), ServerError> {
+        self.admit(from, msg.stage())?;
+        match msg {
+            ClientMessage::AdvertiseKeys(m) => self.on_advertise(from, m)?,
+            ClientMessage::ShareKeys(m) => self.on_share_keys(from, m)?,
+            ClientMessage::MaskedInput(m) => self.on_masked_input(from, m)?,
+            ClientMessage::UnmaskResponse(m) => self.on_unmask_response(from, m)?,
+        }
+        self.close_if_complete();
+        Ok(())
+    }
+
+    /// Feeds one encoded client message (protocol-spec §4.3). Same as decoding and calling
+    /// [`Self::handle_message`], except that a masked vector is added into the accumulator straight
+    /// from its wire bytes, with no intermediate copy: the server's hot path.
+    pub fn handle_bytes(&mut self, from: ClientId, bytes: &[u8]) -> Result<(), ServerError> {
+        let undecodable = |e: fedlora_wire::DecodeError| ServerError::Undecodable {
+            from,
+            detail: e.to_string(),
+        };
+        match fedlora_wire::view_masked_input(bytes).map_err(undecodable)? {
+            Some(packed) => {
+                self.admit(from, Stage::MaskedInput)?;
+                self.check_vector_shape(from, packed.ring_bits, packed.count as usize)?;
+                let width = usize::from(packed.ring_bits / 8);
+                self.accumulator
+                    .par_chunks_mut(crate::prg::CHUNK_WORDS)
+                    .zip(packed.payload.par_chunks(crate::prg::CHUNK_WORDS * width))
+                    .for_each(|(acc, bytes)| {
+                        fedlora_wire::add_packed_words(acc, packed.ring_bits, bytes)
+                    });
+                self.uploaded.insert(from);
+                self.close_if_complete();
+                Ok(())
+            }
+            None => {
+                let msg = fedlora_wire::decode_client(bytes).map_err(undecodable)?;
+                self.handle_message(from, msg)
+            }
+        }
+    }
+
+    /// Checks that `from` may send a `stage` message now.
+    fn admit(&self, from: ClientId, stage: Stage) -> Result<(), ServerError> {
         if from >= self.config.num_clients {
             return Err(ServerError::UnknownClient(from));
         }
-        let Phase::Collecting(stage) = self.phase else {
+        let Phase::Collecting(current) = self.phase else {
             return Err(ServerError::RoundOver);
         };
-        if msg.stage() != stage {
+        if stage != current {
             return Err(ServerError::WrongStage {
                 from,
-                expected: stage,
-                got: msg.stage(),
+                expected: current,
+                got: stage,
             });
         }
         if self.has_sent(stage, from) {
@@ -319,16 +366,13 @@ impl Server {
         if !self.is_expected(stage, from) {
             return Err(ServerError::NotExpected { from, stage });
         }
-        match msg {
-            ClientMessage::AdvertiseKeys(m) => self.on_advertise(from, m)?,
-            ClientMessage::ShareKeys(m) => self.on_share_keys(from, m)?,
-            ClientMessage::MaskedInput(m) => self.on_masked_input(from, m)?,
-            ClientMessage::UnmaskResponse(m) => self.on_unmask_response(from, m)?,
-        }
+        Ok(())
+    }
+
+    fn close_if_complete(&mut self) {
         if self.waiting_for().is_empty() {
             self.close_stage();
         }
-        Ok(())
     }
 
     fn malformed(from: ClientId, stage: Stage, detail: impl Into<String>) -> ServerError {
@@ -390,23 +434,31 @@ impl Server {
         Ok(())
     }
 
-    fn on_masked_input(&mut self, from: ClientId, m: MaskedInput) -> Result<(), ServerError> {
+    /// The ring width and length a masked vector must have (protocol-spec §4.2.4).
+    fn check_vector_shape(&self, from: ClientId, ring_bits: u8, len: usize) -> Result<(), ServerError> {
         let stage = Stage::MaskedInput;
         let bits = self.config.params.ring_bits;
-        if m.ring_bits != bits {
+        if ring_bits != bits {
             return Err(Self::malformed(
                 from,
                 stage,
-                format!("ring width {} instead of {bits}", m.ring_bits),
+                format!("ring width {ring_bits} instead of {bits}"),
             ));
         }
-        if m.words.len() != self.vector_len + 1 {
+        if len != self.vector_len + 1 {
             return Err(Self::malformed(
                 from,
                 stage,
-                format!("{} words instead of {}", m.words.len(), self.vector_len + 1),
+                format!("{len} words instead of {}", self.vector_len + 1),
             ));
         }
+        Ok(())
+    }
+
+    fn on_masked_input(&mut self, from: ClientId, m: MaskedInput) -> Result<(), ServerError> {
+        let stage = Stage::MaskedInput;
+        self.check_vector_shape(from, m.ring_bits, m.words.len())?;
+        let bits = self.config.params.ring_bits;
         let mask = ring_mask(bits);
         if bits < 32 && m.words.iter().any(|&w| w & !mask != 0) {
             return Err(Self::malformed(from, stage, "word outside the ring"));

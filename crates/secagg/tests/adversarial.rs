@@ -547,3 +547,27 @@ fn a_wrong_self_mask_share_aborts_the_round() {
         "{events:?}"
     );
 }
+
+/// The byte-level entry point rejects what the decoder rejects, and checks packed vectors' shape.
+#[test]
+fn server_rejects_undecodable_and_misshapen_bytes() {
+    let mut m = Manual::new(4, 10);
+    assert!(matches!(m.server.handle_bytes(0, &[]), Err(ServerError::Undecodable { .. })));
+    assert!(matches!(m.server.handle_bytes(0, &[0x77, 1]), Err(ServerError::Undecodable { .. })));
+    for _ in 0..2 {
+        let r = m.deliver_to_clients();
+        m.deliver_to_server(r);
+    }
+    let uploads = m.deliver_to_clients();
+    let (from, msg) = uploads[0].clone();
+    let mut bytes = encode_client(&msg).unwrap();
+    // Truncated payload, then a consistent header with too few words.
+    assert!(matches!(m.server.handle_bytes(from, &bytes[..bytes.len() - 1]), Err(ServerError::Undecodable { .. })));
+    let short = encode_client(&ClientMessage::MaskedInput(MaskedInput { ring_bits: 24, words: vec![0; 3] })).unwrap();
+    assert!(matches!(m.server.handle_bytes(from, &short), Err(ServerError::Malformed { .. })));
+    // The real one is accepted once, then is a duplicate.
+    m.server.handle_bytes(from, &bytes).unwrap();
+    assert!(matches!(m.server.handle_bytes(from, &bytes), Err(ServerError::Duplicate { .. })));
+    bytes[1] = 16;
+    assert!(m.server.handle_bytes(from, &bytes).is_err());
+}

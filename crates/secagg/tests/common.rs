@@ -10,13 +10,25 @@ use rand_chacha::ChaCha8Rng;
 pub fn manifest(len: u32) -> Vec<TensorSpec> {
     let a = len / 2;
     vec![
-        TensorSpec { name: "lora_A".into(), shape: vec![a] },
-        TensorSpec { name: "lora_B".into(), shape: vec![len - a] },
+        TensorSpec {
+            name: "lora_A".into(),
+            shape: vec![a],
+        },
+        TensorSpec {
+            name: "lora_B".into(),
+            shape: vec![len - a],
+        },
     ]
 }
 
 pub fn config(n: u32, len: u32, params: RoundParams) -> RoundConfig {
-    RoundConfig { round: 1, nonce: [42; 32], num_clients: n, params, manifest: manifest(len) }
+    RoundConfig {
+        round: 1,
+        nonce: [42; 32],
+        num_clients: n,
+        params,
+        manifest: manifest(len),
+    }
 }
 
 /// Random inputs in [-1, 1] with weights in 1..=weight_bound.
@@ -47,17 +59,43 @@ pub fn weighted_mean(inputs: &[ClientInput], who: &[u32]) -> Vec<f64> {
 
 /// Runs a round and, if it finished, checks the aggregate against the plaintext reference of the
 /// survivors within the stated bound. Returns the outcome.
-pub fn run_and_check(config: RoundConfig, inputs: Vec<ClientInput>, drop_at: Vec<Option<Stage>>, seed: u64) -> (Outcome, Harness) {
+pub fn run_and_check(
+    config: RoundConfig,
+    inputs: Vec<ClientInput>,
+    drop_at: Vec<Option<Stage>>,
+    seed: u64,
+) -> (Outcome, Harness) {
     let mut h = Harness::new(config, inputs.clone(), drop_at, seed).unwrap();
     let outcome = h.run(None);
-    assert!(h.server_errors.is_empty(), "server errors: {:?}", h.server_errors);
+    assert!(
+        h.server_errors.is_empty(),
+        "server errors: {:?}",
+        h.server_errors
+    );
     if let Outcome::Finished(agg) = &outcome {
-        assert!(h.client_errors.is_empty(), "client errors: {:?}", h.client_errors);
+        assert!(
+            h.client_errors.is_empty(),
+            "client errors: {:?}",
+            h.client_errors
+        );
         let reference = weighted_mean(&inputs, &agg.survivors);
-        let expected_wsum: u64 = agg.survivors.iter().map(|&i| u64::from(inputs[i as usize].weight)).sum();
+        let expected_wsum: u64 = agg
+            .survivors
+            .iter()
+            .map(|&i| u64::from(inputs[i as usize].weight))
+            .sum();
         assert_eq!(agg.weight_sum, expected_wsum);
-        let worst = agg.mean.iter().zip(&reference).map(|(m, r)| (f64::from(*m) - r).abs()).fold(0.0, f64::max);
-        assert!(worst <= agg.error_bound + 1e-6, "error {worst} > bound {}", agg.error_bound);
+        let worst = agg
+            .mean
+            .iter()
+            .zip(&reference)
+            .map(|(m, r)| (f64::from(*m) - r).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            worst <= agg.error_bound + 1e-6,
+            "error {worst} > bound {}",
+            agg.error_bound
+        );
     }
     (outcome, h)
 }

@@ -257,10 +257,23 @@ fn kdf_vectors() {
                 );
                 assert_eq!(got, hx(&c["bytes_hex"]));
             }
+            "self_mask_commitment" => {
+                let seed = Seed::from_bytes(a32(&c["seed_hex"]));
+                let sid = sid_of(&c["session_id_hex"]);
+                let client = num(&c["client"]) as u32;
+                let mut pre = kdf::label("self-mask-commitment");
+                pre.extend_from_slice(&sid.0);
+                pre.extend_from_slice(&client.to_le_bytes());
+                pre.extend_from_slice(seed.expose());
+                assert_eq!(pre, hx(&c["preimage_hex"]));
+                let got = kdf::self_mask_commitment(&seed, &sid, client);
+                assert_eq!(got.to_vec(), hx(&c["commitment_hex"]));
+                assert_eq!(Sha256::digest(&pre).to_vec(), got.to_vec());
+            }
             other => panic!("unknown kdf case type {other}"),
         }
     }
-    assert_eq!(seen.len(), 7, "{seen:?}");
+    assert_eq!(seen.len(), 8, "{seen:?}");
 }
 
 #[test]
@@ -290,6 +303,26 @@ fn prg_vectors() {
         let mut minus = u32s(&ap["acc_in"]);
         MaskKey::new(&seed, &sid, Sign::Minus).apply(&mut minus, num(&ap["start_word"]));
         assert_eq!(minus, u32s(&ap["minus"]));
+    }
+}
+
+#[test]
+fn graph_vectors() {
+    use fedlora_secagg::graph::NeighbourGraph;
+    let v = vectors!("graph.json");
+    for c in cases(&v) {
+        let seed = kdf::graph_seed(&sid_of(&c["session_id_hex"]));
+        assert_eq!(seed.to_vec(), hx(&c["graph_seed_hex"]));
+        let members = u32s(&c["members"]);
+        let g = NeighbourGraph::new(&seed, &members, num(&c["degree"]) as u32);
+        assert_eq!(g.is_complete(), c["complete"].as_bool().unwrap());
+        for id in members {
+            assert_eq!(
+                g.neighbours(id),
+                u32s(&c["neighbours"][id.to_string()]),
+                "member {id}"
+            );
+        }
     }
 }
 
@@ -406,6 +439,7 @@ fn request_of(r: &Value) -> ParamRequest {
     };
     req.weight_bound = num(&r["weight_bound"]) as u32;
     req.min_quant_bits = num(&r["min_quant_bits"]) as u8;
+    req.max_quant_bits = r["max_quant_bits"].as_u64().map(|b| b as u8);
     req.ring_bits = r["ring_bits"].as_u64().map(|b| b as u8);
     req
 }

@@ -219,7 +219,29 @@ fn encode_masked_input(m: &MaskedInput) -> Result<Vec<u8>, EncodeError> {
     Ok(out)
 }
 
-fn decode_masked_input(body: &[u8]) -> Result<MaskedInput, DecodeError> {
+/// A masked vector still in its wire form: the header checked, the words not yet unpacked. Lets a
+/// server add the words straight into its accumulator without an intermediate copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackedWords<'a> {
+    /// Ring width.
+    pub ring_bits: u8,
+    /// Number of words.
+    pub count: u32,
+    /// `count * ring_bits / 8` bytes, little-endian words.
+    pub payload: &'a [u8],
+}
+
+/// If `bytes` is a whole encoded [`MaskedInput`] (tag included), checks its header and length and
+/// returns the packed words; `Ok(None)` for any other message kind (protocol-spec §4.3.2).
+pub fn view_masked_input(bytes: &[u8]) -> Result<Option<PackedWords<'_>>, DecodeError> {
+    match bytes.split_first() {
+        Some((&tag::MASKED_INPUT, body)) => masked_header(body).map(Some),
+        Some(_) => Ok(None),
+        None => Err(DecodeError::Empty),
+    }
+}
+
+fn masked_header(body: &[u8]) -> Result<PackedWords<'_>, DecodeError> {
     if body.len() < MASKED_INPUT_HEADER_BYTES {
         return Err(DecodeError::Malformed(format!(
             "masked input header needs {MASKED_INPUT_HEADER_BYTES} bytes, got {}",
@@ -240,23 +262,45 @@ fn decode_masked_input(body: &[u8]) -> Result<MaskedInput, DecodeError> {
             got: payload.len() as u64,
         });
     }
-    // One loop per width (see `encode_masked_input`); `chunks_exact` lets the indexing compile to
-    // plain loads.
-    let words = match width {
-        4 => payload
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        3 => payload
-            .chunks_exact(3)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], 0]))
-            .collect(),
-        2 => payload
-            .chunks_exact(2)
-            .map(|c| u32::from(u16::from_le_bytes([c[0], c[1]])))
-            .collect(),
-        _ => payload.iter().map(|&b| u32::from(b)).collect(),
-    };
+    Ok(PackedWords {
+        ring_bits,
+        count,
+        payload,
+    })
+}
+
+/// Adds packed words into `acc` (wrapping, modulo 2^32): `acc[i] += word[i]`. The caller checks
+/// `acc.len() == packed.count`. Words of fewer than 32 bits cannot exceed their ring by construction.
+pub fn add_packed_words(acc: &mut [u32], ring_bits: u8, payload: &[u8]) {
+    let add = |a: &mut u32, w: u32| *a = a.wrapping_add(w);
+    match ring_bits {
+        32 => acc
+            .iter_mut()
+            .zip(payload.chunks_exact(4))
+            .for_each(|(a, c)| add(a, u32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+        24 => acc
+            .iter_mut()
+            .zip(payload.chunks_exact(3))
+            .for_each(|(a, c)| add(a, u32::from_le_bytes([c[0], c[1], c[2], 0]))),
+        16 => acc
+            .iter_mut()
+            .zip(payload.chunks_exact(2))
+            .for_each(|(a, c)| add(a, u32::from(u16::from_le_bytes([c[0], c[1]])))),
+        _ => acc
+            .iter_mut()
+            .zip(payload)
+            .for_each(|(a, &b)| add(a, u32::from(b))),
+    }
+}
+
+fn decode_masked_input(body: &[u8]) -> Result<MaskedInput, DecodeError> {
+    let PackedWords {
+        ring_bits,
+        payload,
+        ..
+    } = masked_header(body)?;
+    let mut words = vec![0u32; payload.len() / usize::from(ring_bits / 8)];
+    add_packed_words(&mut words, ring_bits, payload);
     Ok(MaskedInput { ring_bits, words })
 }
 
