@@ -303,7 +303,11 @@ impl Server {
     }
 
     /// Feeds one client message. A rejected message leaves the round as it was.
-    pub fn handle_message(&mut self, from: ClientId, msg: ClientMessage) -> Result<(), ServerError> {
+    pub fn handle_message(
+        &mut self,
+        from: ClientId,
+        msg: ClientMessage,
+    ) -> Result<(), ServerError> {
         self.admit(from, msg.stage())?;
         match msg {
             ClientMessage::AdvertiseKeys(m) => self.on_advertise(from, m)?,
@@ -435,7 +439,12 @@ impl Server {
     }
 
     /// The ring width and length a masked vector must have (protocol-spec §4.2.4).
-    fn check_vector_shape(&self, from: ClientId, ring_bits: u8, len: usize) -> Result<(), ServerError> {
+    fn check_vector_shape(
+        &self,
+        from: ClientId,
+        ring_bits: u8,
+        len: usize,
+    ) -> Result<(), ServerError> {
         let stage = Stage::MaskedInput;
         let bits = self.config.params.ring_bits;
         if ring_bits != bits {
