@@ -5,16 +5,13 @@
 //! the threads of a rayon pool process independently, each seeking its own counter position. That
 //! is what keeps the server's unmasking within a small factor of the raw AES throughput.
 
-use aes::cipher::{
-    KeyIvInit, StreamCipher, StreamCipherCore, StreamCipherSeek, StreamCipherSeekCore,
-};
+use aes::cipher::{KeyIvInit, StreamCipher, StreamCipherSeek};
 use rayon::prelude::*;
 
 use crate::kdf::{prg_key, SessionId};
 use crate::secret::Seed;
 
 type Aes128Ctr = ctr::Ctr128BE<aes::Aes128>;
-type CtrCore = ctr::CtrCore<aes::Aes128, ctr::flavors::Ctr128BE>;
 
 /// Words expanded per keystream block: 4 KiB, comfortably inside L1.
 const BLOCK_WORDS: usize = 1024;
@@ -86,42 +83,30 @@ impl MaskKey {
     }
 
     /// Adds (or subtracts) mask words `start .. start + acc.len()` to `acc`, modulo 2^32.
-    ///
-    /// Keystream blocks are written straight into an L1-sized scratch array (no zero-fill and XOR)
-    /// and added word by word; word `w` of the stream is bytes `4w .. 4w + 4` of the keystream.
     pub fn apply(&self, acc: &mut [u32], start: u64) {
         let iv = [0u8; 16];
-        let mut core = CtrCore::new(self.key.as_ref().into(), (&iv).into());
-        core.set_block_pos(u128::from(start / 4));
-        let combine: fn(u32, u32) -> u32 = match self.sign {
-            Sign::Plus => u32::wrapping_add,
-            Sign::Minus => u32::wrapping_sub,
-        };
-        let word = |b: &aes::Block, i: usize| {
-            u32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
-        };
-        let mut blocks = [aes::Block::default(); BLOCK_WORDS / 4];
-        let mut acc = acc;
-        // A start inside a 16-byte block: use the tail of that block first.
-        let skip = (start % 4) as usize;
-        if skip != 0 && !acc.is_empty() {
-            core.write_keystream_block(&mut blocks[0]);
-            let take = (4 - skip).min(acc.len());
-            for (i, a) in acc[..take].iter_mut().enumerate() {
-                *a = combine(*a, word(&blocks[0], skip + i));
-            }
-            acc = &mut acc[take..];
-        }
-        for chunk in acc.chunks_mut(BLOCK_WORDS) {
-            let n = chunk.len().div_ceil(4);
-            core.write_keystream_blocks(&mut blocks[..n]);
-            for (quad, block) in chunk.chunks_mut(4).zip(&blocks[..n]) {
-                for (i, a) in quad.iter_mut().enumerate() {
-                    *a = combine(*a, word(block, i));
-                }
+        let mut cipher = Aes128Ctr::new(self.key.as_ref().into(), (&iv).into());
+        cipher.seek(start * 4);
+        let mut buf = [0u8; BLOCK_WORDS * 4];
+        for block in acc.chunks_mut(BLOCK_WORDS) {
+            let bytes = &mut buf[..block.len() * 4];
+            bytes.fill(0);
+            cipher.apply_keystream(bytes);
+            let words = bytes
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+            match self.sign {
+                Sign::Plus => block
+                    .iter_mut()
+                    .zip(words)
+                    .for_each(|(a, m)| *a = a.wrapping_add(m)),
+                Sign::Minus => block
+                    .iter_mut()
+                    .zip(words)
+                    .for_each(|(a, m)| *a = a.wrapping_sub(m)),
             }
         }
-        blocks.iter_mut().for_each(|b| b.fill(0));
+        buf.fill(0);
     }
 }
 
