@@ -13,6 +13,7 @@ pub mod clip;
 pub mod config;
 pub mod noise;
 pub mod sampler;
+pub mod server;
 
 pub use accountant::{
     default_orders, epsilon_from_rdp, epsilon_sampled_gaussian, noise_multiplier_for_epsilon,
@@ -25,6 +26,7 @@ pub use calibrate::{
 pub use clip::{clip_l2, clip_l2_many, ClipError, ClipReport};
 pub use config::{ConfigError, PrivacyConfig, ResolvedPrivacy};
 pub use noise::{calibration_for_round, ClientNoise};
+pub use server::{PlannedRound, ServerPrivacy, ServerPrivacyError};
 pub use sampler::{
     add_discrete_gaussian_to_ring, ring_to_signed, sample_discrete_gaussian, DiscreteGaussian,
     Rational, SamplerError,

@@ -155,7 +155,7 @@ mod tests {
         // Local mode carries the whole noise on each client: about 6x more.
         let mut local = ClientNoise::new(privacy(PrivacyMode::Local));
         local
-            .add_noise(&mut vec![0u32; 10], &setup(), &mut rng)
+            .add_noise(&mut [0u32; 10], &setup(), &mut rng)
             .unwrap();
         let ratio = local.last_plan.unwrap().client_sigma_sq.to_f64() / expected;
         assert!((ratio - 6.0).abs() < 0.01, "ratio {ratio}");
