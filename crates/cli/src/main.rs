@@ -6,7 +6,13 @@
 
 use clap::{Parser, Subcommand};
 
+mod limits;
 mod output;
+mod privacy_cmd;
+mod service_cmd;
+mod simulate;
+mod threads;
+mod train_cmd;
 
 #[derive(Debug, Parser)]
 #[command(name = "fedlora", version, about = "Privacy-preserving federated LoRA fine-tuning")]
@@ -21,11 +27,43 @@ struct Cli {
 
 // Each subcommand lives in its own module; add a variant here and an arm in `main` below.
 #[derive(Debug, Subcommand)]
-enum Command {}
+enum Command {
+    /// Privacy accountant: epsilon for a noise multiplier, or the noise for a target epsilon.
+    Privacy(privacy_cmd::PrivacyArgs),
+    /// Run one secure-aggregation round in memory (real crypto) and report error, time and bytes.
+    Simulate(simulate::SimulateArgs),
+    /// Measure this machine's AES-CTR and summation throughput: the bound for the server's work.
+    Limits(limits::LimitsArgs),
+    /// Train one client's LoRA adapter locally on a task (spam, gsm) or a JSONL file.
+    Train(train_cmd::TrainArgs),
+    /// Evaluate a model (optionally with an adapter) on a task's held-out split.
+    Eval(train_cmd::EvalArgs),
+    /// Greedy generation with a causal LM, optionally with an adapter merged in.
+    Generate(train_cmd::GenerateArgs),
+    /// Generate an Ed25519 client identity (`<out>.key`, `<out>.pub`) and print its enrollment entry.
+    Keygen(service_cmd::KeygenArgs),
+    /// Run the secure-aggregation server over QUIC for R rounds.
+    Server(service_cmd::ServerArgs),
+    /// Run a client next to its data: connect, authenticate, take part in rounds.
+    Client(service_cmd::ClientArgs),
+    /// One command: a server and several clients on loopback run secure rounds end to end.
+    Demo(service_cmd::DemoArgs),
+}
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let json = cli.json;
-    let result: anyhow::Result<()> = match cli.command {};
+    let result: anyhow::Result<()> = match cli.command {
+        Command::Privacy(args) => privacy_cmd::run(args, json),
+        Command::Simulate(args) => simulate::run(args, json),
+        Command::Limits(args) => limits::run(args, json),
+        Command::Train(args) => train_cmd::run_train(args, json),
+        Command::Eval(args) => train_cmd::run_eval(args, json),
+        Command::Generate(args) => train_cmd::run_generate(args, json),
+        Command::Keygen(args) => service_cmd::run_keygen(args, json),
+        Command::Server(args) => service_cmd::run_server(args, json),
+        Command::Client(args) => service_cmd::run_client_cmd(args, json),
+        Command::Demo(args) => service_cmd::run_demo_cmd(args, json),
+    };
     output::finish(result, json)
 }

@@ -197,6 +197,9 @@ pub struct Client {
     noise: Option<Box<dyn RingNoise>>,
     outbox: VecDeque<ClientMessage>,
     events: VecDeque<ClientEvent>,
+    /// The client answered the unmask request; the server may still abort the round afterwards
+    /// (e.g. a failed reconstruction), and the caller should hear of it.
+    answered: bool,
 }
 
 impl std::fmt::Debug for Client {
@@ -229,6 +232,7 @@ impl Client {
             noise: None,
             outbox: VecDeque::new(),
             events: VecDeque::new(),
+            answered: false,
         }
     }
 
@@ -269,7 +273,7 @@ impl Client {
     pub fn handle_message(&mut self, msg: fedlora_wire::ServerMessage) -> Result<(), ClientError> {
         use fedlora_wire::ServerMessage as M;
         if let M::Abort(reason) = msg {
-            if matches!(self.state, State::Over) {
+            if matches!(self.state, State::Over) && !std::mem::take(&mut self.answered) {
                 return Err(ClientError::Finished);
             }
             self.state = State::Over;
@@ -633,6 +637,7 @@ impl Client {
             }));
         self.events.push_back(ClientEvent::Sent(Stage::Unmask));
         self.events.push_back(ClientEvent::Done);
+        self.answered = true;
         Ok(State::Over)
     }
 }

@@ -552,8 +552,14 @@ fn a_wrong_self_mask_share_aborts_the_round() {
 #[test]
 fn server_rejects_undecodable_and_misshapen_bytes() {
     let mut m = Manual::new(4, 10);
-    assert!(matches!(m.server.handle_bytes(0, &[]), Err(ServerError::Undecodable { .. })));
-    assert!(matches!(m.server.handle_bytes(0, &[0x77, 1]), Err(ServerError::Undecodable { .. })));
+    assert!(matches!(
+        m.server.handle_bytes(0, &[]),
+        Err(ServerError::Undecodable { .. })
+    ));
+    assert!(matches!(
+        m.server.handle_bytes(0, &[0x77, 1]),
+        Err(ServerError::Undecodable { .. })
+    ));
     for _ in 0..2 {
         let r = m.deliver_to_clients();
         m.deliver_to_server(r);
@@ -562,12 +568,51 @@ fn server_rejects_undecodable_and_misshapen_bytes() {
     let (from, msg) = uploads[0].clone();
     let mut bytes = encode_client(&msg).unwrap();
     // Truncated payload, then a consistent header with too few words.
-    assert!(matches!(m.server.handle_bytes(from, &bytes[..bytes.len() - 1]), Err(ServerError::Undecodable { .. })));
-    let short = encode_client(&ClientMessage::MaskedInput(MaskedInput { ring_bits: 24, words: vec![0; 3] })).unwrap();
-    assert!(matches!(m.server.handle_bytes(from, &short), Err(ServerError::Malformed { .. })));
+    assert!(matches!(
+        m.server.handle_bytes(from, &bytes[..bytes.len() - 1]),
+        Err(ServerError::Undecodable { .. })
+    ));
+    let short = encode_client(&ClientMessage::MaskedInput(MaskedInput {
+        ring_bits: 24,
+        words: vec![0; 3],
+    }))
+    .unwrap();
+    assert!(matches!(
+        m.server.handle_bytes(from, &short),
+        Err(ServerError::Malformed { .. })
+    ));
     // The real one is accepted once, then is a duplicate.
     m.server.handle_bytes(from, &bytes).unwrap();
-    assert!(matches!(m.server.handle_bytes(from, &bytes), Err(ServerError::Duplicate { .. })));
+    assert!(matches!(
+        m.server.handle_bytes(from, &bytes),
+        Err(ServerError::Duplicate { .. })
+    ));
     bytes[1] = 16;
     assert!(m.server.handle_bytes(from, &bytes).is_err());
+}
+
+/// A round can still abort after a client answered its unmask request; the client reports it once.
+#[test]
+fn abort_after_answering_is_reported_once() {
+    let mut m = Manual::new(4, 10);
+    for _ in 0..3 {
+        let r = m.deliver_to_clients();
+        m.deliver_to_server(r);
+    }
+    let pending = m.intercept();
+    let (_, req) = pending[0].clone();
+    m.clients[0].handle_message(req).unwrap();
+    while m.clients[0].poll_event().is_some() {}
+    let abort = ServerMessage::Abort(AbortReason::ReconstructionFailed { client: 2 });
+    m.clients[0].handle_message(abort.clone()).unwrap();
+    assert_eq!(
+        m.clients[0].poll_event(),
+        Some(ClientEvent::Aborted(AbortReason::ReconstructionFailed {
+            client: 2
+        }))
+    );
+    assert!(matches!(
+        m.clients[0].handle_message(abort),
+        Err(ClientError::Finished)
+    ));
 }

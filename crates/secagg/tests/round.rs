@@ -26,8 +26,15 @@ fn sparse_params(n: u32) -> RoundParams {
 #[test]
 fn all_clients_survive() {
     let n = 5;
-    let (outcome, h) = run_and_check(config(n, 300, small_params(n)), inputs(n, 300, 10, 1), vec![], 7);
-    let Outcome::Finished(agg) = outcome else { panic!("aborted: {outcome:?}") };
+    let (outcome, h) = run_and_check(
+        config(n, 300, small_params(n)),
+        inputs(n, 300, 10, 1),
+        vec![],
+        7,
+    );
+    let Outcome::Finished(agg) = outcome else {
+        panic!("aborted: {outcome:?}")
+    };
     assert_eq!(agg.survivors, vec![0, 1, 2, 3, 4]);
     assert!(agg.dropped.is_empty());
     // Every client finished its part.
@@ -43,15 +50,26 @@ fn dropout_at_every_stage_above_threshold() {
         let mut drop_at = vec![None; n as usize];
         drop_at[2] = Some(stage);
         drop_at[5] = Some(stage);
-        let (outcome, _) = run_and_check(config(n, 100, small_params(n)), inputs(n, 100, 10, 2), drop_at, 3);
-        let Outcome::Finished(agg) = outcome else { panic!("stage {stage}: {outcome:?}") };
+        let (outcome, _) = run_and_check(
+            config(n, 100, small_params(n)),
+            inputs(n, 100, 10, 2),
+            drop_at,
+            3,
+        );
+        let Outcome::Finished(agg) = outcome else {
+            panic!("stage {stage}: {outcome:?}")
+        };
         let expected: Vec<u32> = if stage == Stage::Unmask {
             (0..n).collect() // they uploaded: their inputs count, only their unmask answers are missing
         } else {
             (0..n).filter(|i| *i != 2 && *i != 5).collect()
         };
         assert_eq!(agg.survivors, expected, "stage {stage}");
-        let dropped_masks: Vec<u32> = if matches!(stage, Stage::MaskedInput) { vec![2, 5] } else { vec![] };
+        let dropped_masks: Vec<u32> = if matches!(stage, Stage::MaskedInput) {
+            vec![2, 5]
+        } else {
+            vec![]
+        };
         assert_eq!(agg.dropped, dropped_masks, "stage {stage}");
     }
 }
@@ -63,10 +81,19 @@ fn too_many_dropouts_abort_with_a_typed_reason() {
     assert_eq!(t, 5);
     for stage in Stage::ALL {
         let drop_at: Vec<Option<Stage>> = (0..n).map(|i| (i < 4).then_some(stage)).collect();
-        let (outcome, h) = run_and_check(config(n, 50, small_params(n)), inputs(n, 50, 10, 4), drop_at, 5);
+        let (outcome, h) = run_and_check(
+            config(n, 50, small_params(n)),
+            inputs(n, 50, 10, 4),
+            drop_at,
+            5,
+        );
         assert_eq!(
             outcome,
-            Outcome::Aborted(AbortReason::TooFewSurvivors { stage, survivors: 4, threshold: 5 }),
+            Outcome::Aborted(AbortReason::TooFewSurvivors {
+                stage,
+                survivors: 4,
+                threshold: 5
+            }),
             "stage {stage}"
         );
         // Surviving clients learned of the abort.
@@ -85,24 +112,46 @@ fn sparse_graph_rounds_are_exact() {
     }
     drop_at[20] = Some(Stage::ShareKeys);
     drop_at[33] = Some(Stage::Unmask);
-    let (outcome, h) = run_and_check(config(n, 2000, sparse_params(n)), inputs(n, 2000, 10, 6), drop_at, 9);
-    let Outcome::Finished(agg) = outcome else { panic!("{outcome:?}") };
+    let (outcome, h) = run_and_check(
+        config(n, 2000, sparse_params(n)),
+        inputs(n, 2000, 10, 6),
+        drop_at,
+        9,
+    );
+    let Outcome::Finished(agg) = outcome else {
+        panic!("{outcome:?}")
+    };
     assert_eq!(agg.survivors.len(), 35);
     assert_eq!(agg.dropped, vec![3, 11, 17, 29]);
     // Upload per client: key advertisement, 6 encrypted share pairs, the vector, an unmask answer.
     let quantized = 2001 * 3;
     let up = h.bytes_up[0] as f64;
-    assert!(up < quantized as f64 * 1.25 && up > quantized as f64, "upload {up}");
+    assert!(
+        up < quantized as f64 * 1.25 && up > quantized as f64,
+        "upload {up}"
+    );
 }
 
 #[test]
 fn sparse_neighbourhood_below_threshold_aborts() {
     let n = 40;
     // Drop a whole run of clients: some neighbourhood will fall below t = 4 of 7.
-    let drop_at: Vec<Option<Stage>> = (0..n).map(|i| (i % 2 == 0).then_some(Stage::MaskedInput)).collect();
-    let (outcome, _) = run_and_check(config(n, 64, sparse_params(n)), inputs(n, 64, 10, 8), drop_at, 10);
+    let drop_at: Vec<Option<Stage>> = (0..n)
+        .map(|i| (i % 2 == 0).then_some(Stage::MaskedInput))
+        .collect();
+    let (outcome, _) = run_and_check(
+        config(n, 64, sparse_params(n)),
+        inputs(n, 64, 10, 8),
+        drop_at,
+        10,
+    );
     match outcome {
-        Outcome::Aborted(AbortReason::NeighbourhoodBelowThreshold { stage, holders, threshold, .. }) => {
+        Outcome::Aborted(AbortReason::NeighbourhoodBelowThreshold {
+            stage,
+            holders,
+            threshold,
+            ..
+        }) => {
             assert_eq!(stage, Stage::MaskedInput);
             assert!(holders < threshold);
         }

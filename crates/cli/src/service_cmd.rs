@@ -1,0 +1,294 @@
+//! `fedlora server`, `fedlora client`, `fedlora keygen` and `fedlora demo`: the networked service
+//! (crates/service) on the command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use fedlora_secagg::Stage;
+use fedlora_service::client::{run_client, ClientOptions, ClientRunError};
+use fedlora_service::clock::SystemClock;
+use fedlora_service::config::{ClientConfig, ServerConfig};
+use fedlora_service::demo::{run_demo, DemoOptions};
+use fedlora_service::identity::IdentityKey;
+use fedlora_service::server::serve;
+
+use crate::output::{emit, Reported};
+
+/// `fedlora keygen`.
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// Output path without extension: writes `<out>.key` (secret, mode 0600) and `<out>.pub`.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Name to put in the enrollment snippet (default: the file stem).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Overwrite an existing key.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `fedlora server`.
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Server configuration (TOML).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Override `listen`.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Override `rounds.count`.
+    #[arg(long)]
+    pub rounds: Option<u64>,
+}
+
+/// Stage names for `--fail-before`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum StageArg {
+    /// Before advertising keys.
+    Advertise,
+    /// Before sending shares.
+    Share,
+    /// Before uploading the masked input.
+    Upload,
+    /// Before answering the unmask request.
+    Unmask,
+}
+
+impl From<StageArg> for Stage {
+    fn from(s: StageArg) -> Stage {
+        match s {
+            StageArg::Advertise => Stage::AdvertiseKeys,
+            StageArg::Share => Stage::ShareKeys,
+            StageArg::Upload => Stage::MaskedInput,
+            StageArg::Unmask => Stage::Unmask,
+        }
+    }
+}
+
+/// `fedlora client`.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// Client configuration (TOML).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Override `server`.
+    #[arg(long)]
+    pub server: Option<SocketAddr>,
+    /// Override the pinned `trust.server_fingerprint`.
+    #[arg(long)]
+    pub server_fingerprint: Option<String>,
+    /// Testing: exit abruptly (like a kill, no goodbye) right before sending this stage's message.
+    #[arg(long, value_enum, hide = true)]
+    pub fail_before: Option<StageArg>,
+    /// Testing: stop responding (connection kept open) right before sending this stage's message.
+    #[arg(long, value_enum, hide = true)]
+    pub stall_before: Option<StageArg>,
+}
+
+/// `fedlora demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Number of clients.
+    #[arg(long, default_value_t = 5)]
+    pub clients: u32,
+    /// Adapter parameters per client.
+    #[arg(long, default_value_t = 10_000)]
+    pub parameters: u32,
+    /// Rounds.
+    #[arg(long, default_value_t = 2)]
+    pub rounds: u64,
+    /// Working directory (kept afterwards); default: a temporary one, removed afterwards.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Per-stage deadline in milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    pub stage_timeout_ms: u64,
+    /// Also measure raw quinn loopback throughput with this many MB (benchmark baseline).
+    #[arg(long)]
+    pub baseline_mb: Option<u64>,
+    /// Benchmark: clients finish masking, then upload together (isolates server ingest).
+    #[arg(long)]
+    pub synchronized_upload: bool,
+}
+
+/// Runs `fedlora keygen`.
+pub fn run_keygen(args: KeygenArgs, json: bool) -> anyhow::Result<()> {
+    let key = IdentityKey::generate();
+    if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    key.write_files(&args.out, args.force)?;
+    let name = args
+        .name
+        .clone()
+        .or_else(|| {
+            args.out
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| "client".into());
+    let public = key.public().to_hex();
+    let snippet = format!("[[client]]\nname = \"{name}\"\npublic_key = \"{public}\"\n");
+    let value = serde_json::json!({
+        "public_key": public,
+        "key_file": args.out.with_extension("key").display().to_string(),
+        "pub_file": args.out.with_extension("pub").display().to_string(),
+        "enrollment": snippet,
+    });
+    emit(
+        json,
+        || {
+            format!(
+                "wrote {} (secret) and {}\nenroll it on the server with:\n\n{snippet}",
+                args.out.with_extension("key").display(),
+                args.out.with_extension("pub").display()
+            )
+        },
+        &value,
+    )
+}
+
+/// Runs `fedlora server`.
+pub fn run_server(args: ServerArgs, json: bool) -> anyhow::Result<()> {
+    fedlora_service::logging::init("info");
+    let mut cfg = ServerConfig::load(&args.config)?;
+    if let Some(l) = args.listen {
+        cfg.listen = l;
+    }
+    if let Some(r) = args.rounds {
+        cfg.rounds.count = r;
+    }
+    let rt = fedlora_service::runtime()?;
+    let report = rt.block_on(serve(cfg, Arc::new(SystemClock), |l| {
+        eprintln!(
+            "fedlora server listening on {} fingerprint {}",
+            l.addr,
+            hex_fp(&l.fingerprint)
+        );
+    }))?;
+    emit(
+        json,
+        || {
+            let mut s = format!(
+                "server {} done: {} round(s)",
+                report.listen,
+                report.rounds.len()
+            );
+            for r in &report.rounds {
+                s.push_str(&format!(
+                    "\n  round {}: {} survivors={:?} dropped={:?}{}",
+                    r.round,
+                    r.status,
+                    r.survivors,
+                    r.dropped,
+                    r.abort_reason
+                        .as_ref()
+                        .map(|a| format!(" reason: {a}"))
+                        .unwrap_or_default()
+                ));
+            }
+            s
+        },
+        &report,
+    )
+}
+
+fn hex_fp(fp: &[u8; 32]) -> String {
+    fp.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Runs `fedlora client`.
+pub fn run_client_cmd(args: ClientArgs, json: bool) -> anyhow::Result<()> {
+    fedlora_service::logging::init("info");
+    let mut cfg = ClientConfig::load(&args.config)?;
+    if let Some(s) = args.server {
+        cfg.server = s;
+    }
+    if let Some(fp) = args.server_fingerprint {
+        cfg.trust.server_fingerprint = Some(fp);
+        cfg.trust.ca_cert = None;
+    }
+    let opts = ClientOptions {
+        fail_before: args.fail_before.map(Stage::from),
+        stall_before: args.stall_before.map(Stage::from),
+        upload_barrier: None,
+    };
+    let rt = fedlora_service::runtime()?;
+    match rt.block_on(run_client(&cfg, &opts)) {
+        Ok(report) => emit(
+            json,
+            || {
+                let mut s = format!("client done: {} round(s)", report.rounds.len());
+                for r in &report.rounds {
+                    s.push_str(&format!(
+                        "\n  round {}: {} as client {}",
+                        r.round, r.outcome, r.client_id
+                    ));
+                }
+                s
+            },
+            &report,
+        ),
+        Err(ClientRunError::Injected(stage)) => {
+            // Simulated kill: no connection close, no report.
+            eprintln!("fail-before {stage}: exiting abruptly");
+            std::process::exit(86);
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Runs `fedlora demo`.
+pub fn run_demo_cmd(args: DemoArgs, json: bool) -> anyhow::Result<()> {
+    fedlora_service::logging::init("info");
+    let keep = args.dir.is_some();
+    let opts = DemoOptions {
+        clients: args.clients,
+        parameters: args.parameters,
+        rounds: args.rounds,
+        dir: args.dir,
+        stage_timeout_ms: args.stage_timeout_ms,
+        baseline_bytes: args.baseline_mb.map(|mb| mb << 20),
+        synchronized_upload: args.synchronized_upload,
+        baseline_many_bytes_each: None,
+        receive_window_bytes: None,
+        privacy: None,
+    };
+    let rt = fedlora_service::runtime()?;
+    let report = rt.block_on(run_demo(opts))?;
+    if !keep {
+        let _ = std::fs::remove_dir_all(&report.dir);
+    }
+    let all_exact = report.rounds.iter().all(|r| r.exact);
+    emit(
+        json,
+        || {
+            let mut s = format!(
+                "demo: server + {} clients on loopback QUIC, {} parameters, {:.2} s",
+                report.clients, report.parameters, report.wall_s
+            );
+            for r in &report.rounds {
+                s.push_str(&format!(
+                    "\n  round {}: {} with {} clients, max |secure - plain| = {:.3e} (bound {:.3e}) {}",
+                    r.round,
+                    r.status,
+                    r.survivors,
+                    r.max_abs_error,
+                    r.error_bound,
+                    if r.exact { "OK" } else { "MISMATCH" }
+                ));
+            }
+            s
+        },
+        &report,
+    )?;
+    if !all_exact {
+        return Err(Reported("a round did not match the plain mean".into()).into());
+    }
+    Ok(())
+}

@@ -1,0 +1,516 @@
+//! The client driver: connects to the server, authenticates, and for each round it is invited to
+//! runs one [`fedlora_secagg::Client`] on its private input, signing its ephemeral keys with its
+//! identity and checking its peers' signatures. The raw input never leaves this process: only the
+//! masked vector does. Receives the new global state after every finished round.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedlora_secagg::wire::{decode_server, encode_client, ServerMessage, Stage};
+use fedlora_secagg::{Client, ClientEvent, ClientInput};
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tracing::{info, warn};
+
+use crate::auth::Ed25519Authenticator;
+use crate::config::{ClientConfig, ConfigError, InputConfig};
+use crate::framing::{Kind, SERVER};
+use crate::identity::PublicIdentity;
+use crate::session::{stage_code, ClientSession, RoundStart, SessionError, PAYLOAD_OFFSET};
+
+/// Errors that end a client run.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientRunError {
+    /// Configuration or key file problem.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Connection, certificate, refusal or framing problem.
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    /// The input file could not be read or has the wrong length.
+    #[error("input: {0}")]
+    Input(String),
+    /// A test asked this client to die before sending its message for a stage.
+    #[error("injected failure before stage {0}")]
+    Injected(Stage),
+    /// Writing the received global state failed.
+    #[error("state file: {0}")]
+    State(std::io::Error),
+    /// The privacy section is invalid.
+    #[error("privacy: {0}")]
+    Privacy(#[from] fedlora_dp::ConfigError),
+}
+
+/// Test and benchmark knobs not in the config file.
+#[derive(Debug, Clone, Default)]
+pub struct ClientOptions {
+    /// Stop (as if killed) right before sending the message of this stage, in the first round.
+    pub fail_before: Option<Stage>,
+    /// Stop responding (but keep the connection open) right before sending this stage's message:
+    /// the server is then held in that stage until its deadline (tests of a server killed mid-round).
+    pub stall_before: Option<Stage>,
+    /// Benchmark only: wait on this barrier before sending the masked input, so every client of an
+    /// in-process benchmark has finished masking and the server's ingest is measured on its own.
+    pub upload_barrier: Option<Arc<tokio::sync::Barrier>>,
+}
+
+/// One round as this client saw it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ClientRound {
+    /// Round number.
+    pub round: u64,
+    /// This client's id in the round.
+    pub client_id: u32,
+    /// `finished` (global state received), `aborted`, `failed`, or `refused` (roster outside
+    /// `known_peers`).
+    pub outcome: String,
+    /// Abort reason or local failure.
+    pub reason: Option<String>,
+    /// SHA-256 (hex) of the received global state.
+    pub aggregate_sha256: Option<String>,
+    /// Bytes of protocol payload this client sent in the round.
+    pub sent_bytes: u64,
+    /// Of which the masked input.
+    pub masked_input_bytes: u64,
+    /// UDP payload bytes this client's connection sent during the round (QUIC headers, frames,
+    /// acknowledgements and retransmissions included): the bytes on the wire.
+    pub udp_tx_bytes: u64,
+    /// Packets QUIC declared lost (and resent) on this connection during the round.
+    pub lost_packets: u64,
+}
+
+/// What `run_client` returns.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct ClientReport {
+    /// Rounds taken part in.
+    pub rounds: Vec<ClientRound>,
+    /// Whether the server said it was done.
+    pub server_done: bool,
+}
+
+struct Current {
+    round: u64,
+    id: u32,
+    peers: HashMap<u32, PublicIdentity>,
+    client: Option<Client>,
+    sent_bytes: u64,
+    masked_input_bytes: u64,
+    udp_tx_start: u64,
+    udp_tx_now: u64,
+    lost_start: u64,
+    lost_now: u64,
+    result: Option<ClientRound>,
+}
+
+/// The client's synthetic input for a round: `len` values in [-0.5, 0.5), determined by
+/// (seed, round), so tests and the demo can recompute the exact expected mean.
+pub fn synthetic_input(seed: u64, round: u64, len: usize) -> Vec<f32> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+        seed ^ round.rotate_left(32) ^ 0x0066_6564_6c6f_7261,
+    );
+    (0..len).map(|_| rng.random::<f32>() - 0.5).collect()
+}
+
+fn load_input(cfg: &InputConfig, round: u64, len: usize) -> Result<ClientInput, ClientRunError> {
+    match cfg {
+        InputConfig::Synthetic { seed, weight } => Ok(ClientInput {
+            values: synthetic_input(*seed, round, len),
+            weight: *weight,
+        }),
+        InputConfig::File { path, weight } => {
+            let bytes = std::fs::read(path)
+                .map_err(|e| ClientRunError::Input(format!("{}: {e}", path.display())))?;
+            if bytes.len() != len * 4 {
+                return Err(ClientRunError::Input(format!(
+                    "{}: {} bytes, the round's manifest needs {len} f32 values ({} bytes)",
+                    path.display(),
+                    bytes.len(),
+                    len * 4
+                )));
+            }
+            let values = bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            Ok(ClientInput {
+                values,
+                weight: *weight,
+            })
+        }
+    }
+}
+
+/// Runs the client until the server says done, the connection ends, or `max_rounds` rounds ended.
+pub async fn run_client(
+    cfg: &ClientConfig,
+    opts: &ClientOptions,
+) -> Result<ClientReport, ClientRunError> {
+    let identity = Arc::new(cfg.identity.load()?);
+    let privacy = cfg.privacy.as_ref().map(|p| p.resolve()).transpose()?;
+    let known_peers = cfg.known_peers()?;
+    let trust = cfg.trust.to_trust()?;
+    let mut s = ClientSession::connect(
+        cfg.server,
+        &cfg.server_name,
+        &trust,
+        &identity,
+        cfg.max_frame_bytes,
+        Duration::from_millis(cfg.connect_timeout_ms),
+    )
+    .await?;
+    info!(server = %cfg.server, identity = %identity.public().to_hex(), "connected and authenticated");
+    let mut report = ClientReport::default();
+    let mut current: Option<Current> = None;
+    let mut fail_before = opts.fail_before;
+    loop {
+        let Some((h, body)) = s.recv().await? else {
+            break;
+        };
+        let payload = &body[PAYLOAD_OFFSET..];
+        if h.sender != SERVER && h.kind != Kind::RoundStart {
+            return Err(SessionError::Violation(format!("frame from sender {}", h.sender)).into());
+        }
+        if h.session != s.session {
+            return Err(SessionError::Violation("frame for another session".into()).into());
+        }
+        match h.kind {
+            Kind::RoundStart => {
+                let start: RoundStart = serde_json::from_slice(payload)
+                    .map_err(|e| SessionError::Violation(format!("round start: {e}")))?;
+                let mut peers = HashMap::new();
+                for (id, hex_key) in &start.peers {
+                    let pk = PublicIdentity::from_hex(hex_key)
+                        .map_err(|e| SessionError::Violation(format!("roster key of {id}: {e}")))?;
+                    peers.insert(*id, pk);
+                }
+                if peers.get(&h.sender) != Some(&identity.public()) {
+                    return Err(SessionError::Violation(
+                        "roster does not list this client under its id".into(),
+                    )
+                    .into());
+                }
+                if let Err(unknown) = check_roster(&peers, &known_peers) {
+                    warn!(
+                        round = h.round,
+                        peer = unknown,
+                        "roster names an identity outside known_peers; sitting this round out"
+                    );
+                    if let Some(old) = current.take() {
+                        if old.result.is_none() {
+                            report.rounds.push(round_result(
+                                &old,
+                                "failed",
+                                Some("superseded by a new round".into()),
+                                None,
+                            ));
+                        }
+                    }
+                    report.rounds.push(ClientRound {
+                        round: h.round,
+                        client_id: h.sender,
+                        outcome: "refused".into(),
+                        reason: Some(format!(
+                            "roster names client {unknown} with an identity not in known_peers"
+                        )),
+                        aggregate_sha256: None,
+                        sent_bytes: 0,
+                        masked_input_bytes: 0,
+                        udp_tx_bytes: 0,
+                        lost_packets: 0,
+                    });
+                    if reached(cfg, &report) {
+                        break;
+                    }
+                    continue;
+                }
+                if let Some(old) = current.take() {
+                    if old.result.is_none() {
+                        report.rounds.push(round_result(
+                            &old,
+                            "failed",
+                            Some("superseded by a new round".into()),
+                            None,
+                        ));
+                    }
+                }
+                info!(
+                    round = h.round,
+                    client_id = h.sender,
+                    clients = peers.len(),
+                    "invited to round"
+                );
+                let stats = s.conn.stats();
+                let (udp_tx_start, lost_start) = (stats.udp_tx.bytes, stats.path.lost_packets);
+                current = Some(Current {
+                    round: h.round,
+                    id: h.sender,
+                    peers,
+                    client: None,
+                    sent_bytes: 0,
+                    masked_input_bytes: 0,
+                    udp_tx_start,
+                    udp_tx_now: udp_tx_start,
+                    lost_start,
+                    lost_now: lost_start,
+                    result: None,
+                });
+            }
+            Kind::Protocol => {
+                let Some(cur) = current.as_mut().filter(|c| c.round == h.round) else {
+                    warn!(
+                        round = h.round,
+                        "protocol message for a round this client is not in; ignored"
+                    );
+                    continue;
+                };
+                let msg = decode_server(payload)
+                    .map_err(|e| SessionError::Violation(format!("decode: {e}")))?;
+                if cur.client.is_none() {
+                    let ServerMessage::Setup(setup) = &msg else {
+                        warn!("protocol message before setup; ignored");
+                        continue;
+                    };
+                    let len = fedlora_secagg::manifest_len(&setup.manifest) as usize;
+                    let mut input = load_input(&cfg.input, cur.round, len)?;
+                    // Differential privacy: clip the whole contribution in L2 norm before it is
+                    // quantized (protocol-spec §7.2).
+                    if let Some(c) = privacy.as_ref().and_then(|p| p.clip_norm) {
+                        fedlora_dp::clip_l2(&mut input.values, c)
+                            .map_err(|e| ClientRunError::Input(format!("clipping: {e}")))?;
+                    }
+                    let auth = Ed25519Authenticator::client(identity.clone(), cur.peers.clone());
+                    let mut client = Client::new(cur.id, input, &mut rand::rng())
+                        .with_authenticator(Box::new(auth));
+                    if let Some(p) = &privacy {
+                        // This client's own noise share, calibrated from its own config (§7.3).
+                        client = client.with_noise(Box::new(fedlora_dp::ClientNoise::new(*p)));
+                    }
+                    cur.client = Some(client);
+                }
+                let Some(client) = cur.client.as_mut() else {
+                    continue;
+                };
+                let abort = match &msg {
+                    ServerMessage::Abort(reason) => Some(reason.to_string()),
+                    _ => None,
+                };
+                if let Err(e) = blocking(|| client.handle_message(msg)) {
+                    warn!(round = cur.round, error = %e, "protocol error");
+                }
+                while let Some(out) = client.poll_transmit() {
+                    let stage = out.stage();
+                    if fail_before == Some(stage) {
+                        return Err(ClientRunError::Injected(stage));
+                    }
+                    if opts.stall_before == Some(stage) {
+                        warn!(round = cur.round, stage = %stage, "stalling as asked (test option)");
+                        std::future::pending::<()>().await;
+                    }
+                    let bytes = encode_client(&out)
+                        .map_err(|e| SessionError::Violation(format!("encode: {e}")))?;
+                    if stage == Stage::MaskedInput {
+                        if let Some(b) = &opts.upload_barrier {
+                            b.wait().await;
+                        }
+                        cur.masked_input_bytes += bytes.len() as u64;
+                    }
+                    let header = s.header(Kind::Protocol, cur.round, stage_code(stage), cur.id);
+                    s.send(&header, &bytes).await?;
+                    cur.sent_bytes += bytes.len() as u64;
+                }
+                let stats = s.conn.stats();
+                (cur.udp_tx_now, cur.lost_now) = (stats.udp_tx.bytes, stats.path.lost_packets);
+                let events: Vec<ClientEvent> = std::iter::from_fn(|| client.poll_event()).collect();
+                for ev in events {
+                    match ev {
+                        ClientEvent::Sent(stage) => {
+                            info!(round = cur.round, stage = %stage, "sent")
+                        }
+                        ClientEvent::Done => info!(
+                            round = cur.round,
+                            "unmasking answered; waiting for the global state"
+                        ),
+                        ClientEvent::Aborted(reason) => {
+                            warn!(round = cur.round, %reason, "round aborted by server");
+                            cur.result =
+                                Some(round_result(cur, "aborted", Some(reason.to_string()), None));
+                        }
+                        ClientEvent::Failed(e) => {
+                            warn!(round = cur.round, error = %e, "client refused to continue the round");
+                            cur.result = Some(round_result(cur, "failed", Some(e), None));
+                        }
+                    }
+                }
+                if let (Some(reason), None) = (abort, &cur.result) {
+                    // The state machine had already finished its part (e.g. answered the unmask
+                    // request); the round still ended without an aggregate.
+                    warn!(round = cur.round, %reason, "round aborted by server");
+                    cur.result = Some(round_result(cur, "aborted", Some(reason), None));
+                }
+                if let Some(done) = cur.result.clone() {
+                    report.rounds.push(done);
+                    current = None;
+                    fail_before = None;
+                    if reached(cfg, &report) {
+                        break;
+                    }
+                }
+            }
+            Kind::GlobalState => {
+                if payload.len() < 32 || (payload.len() - 32) % 4 != 0 {
+                    return Err(SessionError::Violation("malformed global state".into()).into());
+                }
+                let (hash, state) = payload.split_at(32);
+                if Sha256::digest(state).as_slice() != hash {
+                    return Err(SessionError::Violation("global state hash mismatch".into()).into());
+                }
+                let hex_hash = hex::encode(hash);
+                if let Some(dir) = &cfg.state_dir {
+                    write_state(dir, h.round, state).map_err(ClientRunError::State)?;
+                }
+                info!(round = h.round, sha256 = %hex_hash, values = state.len() / 4, "global state received");
+                match current.take() {
+                    Some(mut cur) if cur.round == h.round => {
+                        let stats = s.conn.stats();
+                        (cur.udp_tx_now, cur.lost_now) =
+                            (stats.udp_tx.bytes, stats.path.lost_packets);
+                        report
+                            .rounds
+                            .push(round_result(&cur, "finished", None, Some(hex_hash)));
+                        fail_before = None;
+                    }
+                    other => current = other,
+                }
+                if reached(cfg, &report) {
+                    break;
+                }
+            }
+            Kind::Done => {
+                report.server_done = true;
+                break;
+            }
+            other => {
+                return Err(SessionError::Violation(format!("unexpected {other:?} frame")).into())
+            }
+        }
+    }
+    s.close().await;
+    Ok(report)
+}
+
+/// With a non-empty `known` list, every roster identity must be in it; returns the first client id
+/// whose key is not.
+fn check_roster(peers: &HashMap<u32, PublicIdentity>, known: &[PublicIdentity]) -> Result<(), u32> {
+    if known.is_empty() {
+        return Ok(());
+    }
+    let mut ids: Vec<&u32> = peers.keys().collect();
+    ids.sort();
+    match ids
+        .into_iter()
+        .find(|id| peers.get(id).is_some_and(|pk| !known.contains(pk)))
+    {
+        Some(id) => Err(*id),
+        None => Ok(()),
+    }
+}
+
+/// Runs CPU-heavy protocol work (masking a large vector) without stalling other tasks.
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+fn reached(cfg: &ClientConfig, report: &ClientReport) -> bool {
+    cfg.max_rounds
+        .is_some_and(|m| report.rounds.len() as u64 >= m)
+}
+
+fn round_result(
+    cur: &Current,
+    outcome: &str,
+    reason: Option<String>,
+    sha: Option<String>,
+) -> ClientRound {
+    ClientRound {
+        round: cur.round,
+        client_id: cur.id,
+        outcome: outcome.into(),
+        reason,
+        aggregate_sha256: sha,
+        sent_bytes: cur.sent_bytes,
+        masked_input_bytes: cur.masked_input_bytes,
+        udp_tx_bytes: cur.udp_tx_now.saturating_sub(cur.udp_tx_start),
+        lost_packets: cur.lost_now.saturating_sub(cur.lost_start),
+    }
+}
+
+fn write_state(dir: &Path, round: u64, state: &[u8]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    crate::store::write_atomic(&dir.join(format!("global-{round:06}.f32")), state)?;
+    crate::store::write_atomic(&dir.join("global-latest.f32"), state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn synthetic_input_is_deterministic_and_bounded() {
+        let a = synthetic_input(7, 3, 1000);
+        assert_eq!(a, synthetic_input(7, 3, 1000));
+        assert_ne!(a, synthetic_input(7, 4, 1000));
+        assert_ne!(a, synthetic_input(8, 3, 1000));
+        assert!(a.iter().all(|v| (-0.5..0.5).contains(v)));
+    }
+
+    #[test]
+    fn roster_must_be_within_known_peers() {
+        use crate::identity::IdentityKey;
+        let (a, b, c) = (
+            IdentityKey::generate().public(),
+            IdentityKey::generate().public(),
+            IdentityKey::generate().public(),
+        );
+        let peers: HashMap<u32, PublicIdentity> = [(0, a), (1, b)].into();
+        assert_eq!(
+            check_roster(&peers, &[]),
+            Ok(()),
+            "no list: trust the server's roster"
+        );
+        assert_eq!(check_roster(&peers, &[a, b, c]), Ok(()));
+        assert_eq!(check_roster(&peers, &[a, c]), Err(1));
+    }
+
+    #[test]
+    fn file_input_length_is_checked() {
+        let dir = std::env::temp_dir().join(format!("fedlora-input-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let p = dir.join("in.f32");
+        let vals = [0.25f32, -0.5, 1.0];
+        std::fs::write(
+            &p,
+            vals.iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<_>>(),
+        )
+        .expect("write");
+        let cfg = InputConfig::File {
+            path: p.clone(),
+            weight: 2,
+        };
+        let input = load_input(&cfg, 0, 3).expect("load");
+        assert_eq!(input.values, vals);
+        assert_eq!(input.weight, 2);
+        assert!(matches!(
+            load_input(&cfg, 0, 4),
+            Err(ClientRunError::Input(_))
+        ));
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+}

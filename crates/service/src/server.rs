@@ -1,0 +1,1089 @@
+//! The aggregation server: accepts enrolled clients over QUIC and, for each of R rounds, drives one
+//! [`fedlora_secagg::Server`] with per-stage deadlines, then sends the new global state to every
+//! connected client. Everything the protocol decides stays in `fedlora-secagg`; this module only
+//! moves bytes, keeps time, enforces the transport binding and writes the store.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fedlora_secagg::wire::{decode_client, encode_server, ServerMessage, Stage, TensorSpec};
+use fedlora_secagg::{AbortReason, RoundConfig, ServerEvent};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::auth::Ed25519Authenticator;
+use crate::clock::Clock;
+use crate::config::{ConfigError, ServerConfig};
+use crate::framing::{
+    read_frame, read_frame_timed, write_frame, FrameError, Header, Kind, ReplayGuard, SERVER,
+};
+use crate::identity::{PublicIdentity, Registry, HELLO_CONTEXT};
+use crate::quic::{server_endpoint, QuicError};
+use crate::session::{
+    exporter, server_stage_code, stage_code, RoundStart, CLOSE_OK, CLOSE_REFUSED, CLOSE_VIOLATION,
+    MAX_HELLO_FRAME, NO_STAGE,
+};
+use crate::store::{Store, StoreError};
+use crate::tls::{ServerCert, TlsError};
+
+/// Errors that stop the server (a single round's trouble never does: it is recorded and the next
+/// round runs).
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// TLS certificate could not be loaded or generated.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The QUIC endpoint could not be started.
+    #[error(transparent)]
+    Quic(#[from] QuicError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The local socket address could not be read.
+    #[error("endpoint address: {0}")]
+    Addr(std::io::Error),
+    /// The privacy section is invalid.
+    #[error("privacy: {0}")]
+    Privacy(#[from] fedlora_dp::ServerPrivacyError),
+}
+
+/// Where the server listens and the certificate fingerprint clients pin.
+#[derive(Debug, Clone, Copy)]
+pub struct Listening {
+    /// Bound UDP address.
+    pub addr: SocketAddr,
+    /// SHA-256 of the server certificate.
+    pub fingerprint: [u8; 32],
+}
+
+/// Upload-stage ingest measurement of one round.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct IngestStats {
+    /// Masked-input frames accepted.
+    pub frames: u32,
+    /// Bytes of those frames on the stream (length prefix + frame header + encoded message).
+    pub wire_bytes: u64,
+    /// Raw quantized payload of those inputs: words × ring_bits / 8.
+    pub quantized_bytes: u64,
+    /// From the first byte of the first masked input to the last byte of the last one.
+    pub seconds: f64,
+    /// `wire_bytes / seconds`.
+    pub bytes_per_sec: f64,
+}
+
+/// Outcome of one round, as reported by `fedlora server --json`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RoundSummary {
+    /// Round number.
+    pub round: u64,
+    /// `finished` or `aborted`.
+    pub status: String,
+    /// Identity names of the invited clients, by client id.
+    pub participants: Vec<String>,
+    /// Client ids whose input is in the aggregate.
+    pub survivors: Vec<u32>,
+    /// Client ids dropped, with the stage they missed.
+    pub dropped: Vec<(u32, String)>,
+    /// Why the round aborted.
+    pub abort_reason: Option<String>,
+    /// SHA-256 (hex) of the aggregate file (f32 little-endian mean).
+    pub aggregate_sha256: Option<String>,
+    /// Degree, threshold and ring of the round.
+    pub threshold: Option<u32>,
+    /// Ring width in bits.
+    pub ring_bits: Option<u8>,
+    /// Bound on |mean − exact weighted mean of the clipped inputs| from quantization alone.
+    pub error_bound: Option<f64>,
+    /// Messages rejected by the transport binding or the protocol.
+    pub rejected: u32,
+    /// Wall time of the round (from the first setup message to the end).
+    pub wall_ms: u64,
+    /// Upload-stage ingest.
+    pub ingest: Option<IngestStats>,
+}
+
+/// What `serve` returns.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerReport {
+    /// Bound address.
+    pub listen: String,
+    /// Certificate fingerprint (hex).
+    pub fingerprint: String,
+    /// Rounds found interrupted at start-up and recorded as aborted.
+    pub interrupted_rounds: Vec<u64>,
+    /// The rounds run by this process.
+    pub rounds: Vec<RoundSummary>,
+}
+
+/// A frame body ready to write (header + payload), shared between recipients.
+type Outgoing = Arc<Vec<u8>>;
+
+enum Inbound {
+    Joined {
+        conn_id: u64,
+        name: String,
+        pk: PublicIdentity,
+        tx: mpsc::UnboundedSender<Outgoing>,
+        conn: quinn::Connection,
+    },
+    Refused {
+        remote: SocketAddr,
+        reason: String,
+    },
+    Frame {
+        conn_id: u64,
+        body: Vec<u8>,
+        first_byte: Instant,
+        done: Instant,
+    },
+    Broken {
+        conn_id: u64,
+        error: String,
+    },
+    Left {
+        conn_id: u64,
+    },
+}
+
+struct Conn {
+    name: String,
+    pk: PublicIdentity,
+    tx: mpsc::UnboundedSender<Outgoing>,
+    conn: quinn::Connection,
+}
+
+struct AcceptCtx {
+    registry: Registry,
+    session: [u8; 16],
+    max_frame: u32,
+    tx: mpsc::Sender<Inbound>,
+}
+
+/// Runs the server: `cfg.rounds.count` rounds, then tells every client it is done.
+/// `on_listening` is called once the endpoint is bound (the CLI prints address and fingerprint).
+pub async fn serve(
+    cfg: ServerConfig,
+    clock: Arc<dyn Clock>,
+    on_listening: impl FnOnce(&Listening),
+) -> Result<ServerReport, ServerError> {
+    let registry = cfg.registry()?;
+    let (store, interrupted) = Store::open(&cfg.data_dir, clock)?;
+    for r in &interrupted {
+        warn!(
+            round = r,
+            "round was interrupted by a server restart; recorded as aborted"
+        );
+    }
+    let session = store.session_id()?;
+    let cert = ServerCert::load_or_generate(
+        cfg.tls.cert.as_deref(),
+        cfg.tls.key.as_deref(),
+        &cfg.data_dir,
+        &cfg.tls.names,
+    )?;
+    let window = cfg
+        .receive_window_bytes
+        .unwrap_or_else(|| crate::quic::server_window(cfg.rounds.max_clients));
+    let endpoint = server_endpoint(cfg.listen, &cert, window)?;
+    let addr = endpoint.local_addr().map_err(ServerError::Addr)?;
+    let listening = Listening {
+        addr,
+        fingerprint: cert.fingerprint(),
+    };
+    let fp_path = cfg.data_dir.join("server.fingerprint");
+    crate::store::write_atomic(
+        &fp_path,
+        format!("{}\n", hex::encode(listening.fingerprint)).as_bytes(),
+    )
+    .map_err(|source| TlsError::Io {
+        path: fp_path.display().to_string(),
+        source,
+    })?;
+    on_listening(&listening);
+    info!(%addr, fingerprint = %hex::encode(listening.fingerprint), enrolled = registry.len(), "listening");
+    store.audit(
+        None,
+        "server_started",
+        &format!("listen={addr} enrolled={}", registry.len()),
+    )?;
+
+    let (tx, rx) = mpsc::channel(1024);
+    let ctx = Arc::new(AcceptCtx {
+        registry,
+        session,
+        max_frame: cfg.max_frame_bytes,
+        tx,
+    });
+    let accept = tokio::spawn(accept_loop(endpoint.clone(), ctx));
+
+    let privacy = match &cfg.privacy {
+        Some(p) => Some(fedlora_dp::ServerPrivacy::new(p)?),
+        None => None,
+    };
+    let mut co = Coordinator {
+        cfg,
+        store,
+        session,
+        conns: HashMap::new(),
+        rx,
+        privacy,
+    };
+    let mut rounds = Vec::new();
+    for _ in 0..co.cfg.rounds.count {
+        rounds.push(co.run_round().await?);
+    }
+    co.finish().await;
+    accept.abort();
+    endpoint.close(CLOSE_OK.into(), b"done");
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    Ok(ServerReport {
+        listen: addr.to_string(),
+        fingerprint: hex::encode(listening.fingerprint),
+        interrupted_rounds: interrupted,
+        rounds,
+    })
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, ctx: Arc<AcceptCtx>) {
+    let mut next_id = 0u64;
+    while let Some(incoming) = endpoint.accept().await {
+        next_id += 1;
+        tokio::spawn(handshake(incoming, next_id, ctx.clone()));
+    }
+}
+
+/// Authenticates one connection: the client's first frame is a hello carrying its identity key
+/// and an Ed25519 signature over this TLS session's exporter; unknown keys are refused.
+async fn handshake(incoming: quinn::Incoming, conn_id: u64, ctx: Arc<AcceptCtx>) {
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            debug!(error = %e, "handshake failed");
+            return;
+        }
+    };
+    let remote = conn.remote_address();
+    let first = tokio::time::timeout(Duration::from_secs(10), async {
+        let (send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+        let body = read_frame(&mut recv, MAX_HELLO_FRAME)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>((send, recv, body))
+    })
+    .await;
+    let (mut send, recv, body) = match first {
+        Ok(Ok((send, recv, Some(body)))) => (send, recv, body),
+        Ok(Ok((_, _, None))) => return,
+        Ok(Err(e)) => {
+            let _ = ctx
+                .tx
+                .send(Inbound::Refused {
+                    remote,
+                    reason: format!("bad hello: {e}"),
+                })
+                .await;
+            conn.close(CLOSE_VIOLATION.into(), b"bad hello");
+            return;
+        }
+        Err(_) => {
+            conn.close(CLOSE_VIOLATION.into(), b"hello timeout");
+            return;
+        }
+    };
+    let verdict = check_hello(&conn, &ctx.registry, &body);
+    match verdict {
+        Ok((name, pk)) => {
+            let welcome = Header {
+                kind: Kind::Welcome,
+                session: ctx.session,
+                round: 0,
+                stage: NO_STAGE,
+                sender: SERVER,
+            };
+            if write_frame(&mut send, &welcome.encode(&ctx.session))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let (out_tx, out_rx) = mpsc::unbounded_channel();
+            tokio::spawn(writer(send, out_rx));
+            tokio::spawn(reader(
+                recv,
+                conn_id,
+                ctx.max_frame,
+                ctx.tx.clone(),
+                conn.clone(),
+            ));
+            let _ = ctx
+                .tx
+                .send(Inbound::Joined {
+                    conn_id,
+                    name,
+                    pk,
+                    tx: out_tx,
+                    conn,
+                })
+                .await;
+        }
+        Err(reason) => {
+            let refused = Header {
+                kind: Kind::Refused,
+                session: ctx.session,
+                round: 0,
+                stage: NO_STAGE,
+                sender: SERVER,
+            };
+            let _ = write_frame(&mut send, &refused.encode(reason.as_bytes())).await;
+            let _ = send.finish();
+            let _ = ctx
+                .tx
+                .send(Inbound::Refused {
+                    remote,
+                    reason: reason.clone(),
+                })
+                .await;
+            // Let the client read the reason, then close.
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+            conn.close(CLOSE_REFUSED.into(), reason.as_bytes());
+        }
+    }
+}
+
+fn check_hello(
+    conn: &quinn::Connection,
+    registry: &Registry,
+    body: &[u8],
+) -> Result<(String, PublicIdentity), String> {
+    let (h, payload) = Header::decode(body).map_err(|e| format!("bad hello: {e}"))?;
+    if h.kind != Kind::Hello || payload.len() != 96 {
+        return Err("bad hello: expected a hello frame of 96 bytes".into());
+    }
+    let mut pk = [0u8; 32];
+    pk.copy_from_slice(&payload[..32]);
+    let Some((name, key)) = registry.lookup(&pk) else {
+        return Err(format!("unknown identity {}", hex::encode(pk)));
+    };
+    let ekm = exporter(conn).map_err(|e| format!("exporter: {e}"))?;
+    if !key.verify(HELLO_CONTEXT, &ekm, &payload[32..]) {
+        return Err(format!("bad hello signature for {name}"));
+    }
+    Ok((name.to_string(), key))
+}
+
+async fn writer(mut send: quinn::SendStream, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
+    while let Some(body) = rx.recv().await {
+        if write_frame(&mut send, &body).await.is_err() {
+            return;
+        }
+    }
+    let _ = send.finish();
+}
+
+async fn reader(
+    mut recv: quinn::RecvStream,
+    conn_id: u64,
+    max_frame: u32,
+    tx: mpsc::Sender<Inbound>,
+    conn: quinn::Connection,
+) {
+    loop {
+        match read_frame_timed(&mut recv, max_frame).await {
+            Ok(Some((body, first_byte))) => {
+                let ev = Inbound::Frame {
+                    conn_id,
+                    body,
+                    first_byte,
+                    done: Instant::now(),
+                };
+                if tx.send(ev).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) | Err(FrameError::Io(_)) => break,
+            Err(e) => {
+                // Framing is lost (oversized length): the stream cannot be resynchronised.
+                let _ = tx
+                    .send(Inbound::Broken {
+                        conn_id,
+                        error: e.to_string(),
+                    })
+                    .await;
+                conn.close(CLOSE_VIOLATION.into(), b"frame violation");
+                break;
+            }
+        }
+    }
+    let _ = tx.send(Inbound::Left { conn_id }).await;
+}
+
+/// Runs `f` without stalling other tasks on a multi-threaded runtime (secagg's unmasking is CPU work).
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+struct Coordinator {
+    cfg: ServerConfig,
+    store: Store,
+    session: [u8; 16],
+    conns: HashMap<u64, Conn>,
+    rx: mpsc::Receiver<Inbound>,
+    /// Accountant and budget across rounds, when a privacy section is configured.
+    privacy: Option<fedlora_dp::ServerPrivacy>,
+}
+
+/// Per-round bookkeeping while the protocol runs.
+struct RoundRun {
+    round: u64,
+    /// client id → connection id.
+    members: Vec<u64>,
+    names: Vec<String>,
+    by_conn: HashMap<u64, u32>,
+    guard: ReplayGuard,
+    rejected: u32,
+    dropped: BTreeMap<u32, String>,
+    ingest_first: Option<Instant>,
+    ingest_last: Option<Instant>,
+    ingest_frames: u32,
+    ingest_bytes: u64,
+    ingest_words: u64,
+    ring_bits: u8,
+}
+
+impl Coordinator {
+    /// Handles an event that is not part of a running round.
+    fn on_event(
+        &mut self,
+        ev: Inbound,
+        round: Option<&mut RoundRun>,
+        proto: Option<&mut fedlora_secagg::Server>,
+    ) {
+        match ev {
+            Inbound::Joined {
+                conn_id,
+                name,
+                pk,
+                tx,
+                conn,
+            } => {
+                if let Some(old) = self
+                    .conns
+                    .iter()
+                    .find(|(_, c)| c.pk == pk)
+                    .map(|(id, _)| *id)
+                {
+                    if let Some(c) = self.conns.remove(&old) {
+                        c.conn
+                            .close(CLOSE_OK.into(), b"replaced by a newer connection");
+                    }
+                }
+                info!(client = %name, "client connected");
+                self.audit(None, "client_connected", &name);
+                self.conns.insert(conn_id, Conn { name, pk, tx, conn });
+            }
+            Inbound::Refused { remote, reason } => {
+                warn!(%remote, %reason, "connection refused");
+                self.audit(None, "connection_refused", &format!("{remote}: {reason}"));
+            }
+            Inbound::Left { conn_id } => {
+                if let Some(c) = self.conns.remove(&conn_id) {
+                    info!(client = %c.name, "client disconnected");
+                    self.audit(
+                        round.as_ref().map(|r| r.round),
+                        "client_disconnected",
+                        &c.name,
+                    );
+                }
+            }
+            Inbound::Broken { conn_id, error } => {
+                let name = self
+                    .conns
+                    .get(&conn_id)
+                    .map(|c| c.name.clone())
+                    .unwrap_or_default();
+                warn!(client = %name, %error, "frame violation; connection closed");
+                self.audit(
+                    round.as_ref().map(|r| r.round),
+                    "frame_violation",
+                    &format!("{name}: {error}"),
+                );
+            }
+            Inbound::Frame {
+                conn_id,
+                body,
+                first_byte,
+                done,
+            } => match (round, proto) {
+                (Some(run), Some(proto)) => {
+                    self.on_round_frame(run, proto, conn_id, &body, first_byte, done)
+                }
+                _ => {
+                    let name = self
+                        .conns
+                        .get(&conn_id)
+                        .map(|c| c.name.clone())
+                        .unwrap_or_default();
+                    warn!(client = %name, "frame outside a round rejected");
+                    self.audit(None, "rejected", &format!("{name}: frame outside a round"));
+                }
+            },
+        }
+    }
+
+    fn on_round_frame(
+        &mut self,
+        run: &mut RoundRun,
+        proto: &mut fedlora_secagg::Server,
+        conn_id: u64,
+        body: &[u8],
+        first_byte: Instant,
+        done: Instant,
+    ) {
+        let name = self
+            .conns
+            .get(&conn_id)
+            .map(|c| c.name.clone())
+            .unwrap_or_default();
+        let reject = |co: &mut Self, run: &mut RoundRun, why: String| {
+            run.rejected += 1;
+            warn!(round = run.round, client = %name, reason = %why, "message rejected");
+            co.audit(Some(run.round), "rejected", &format!("{name}: {why}"));
+        };
+        let Some(&cid) = run.by_conn.get(&conn_id) else {
+            reject(self, run, "not a participant of this round".into());
+            return;
+        };
+        let (h, payload) = match Header::decode(body) {
+            Ok(x) => x,
+            Err(e) => return reject(self, run, format!("client {cid}: malformed frame: {e}")),
+        };
+        let open = proto.stage().map(stage_code).unwrap_or(NO_STAGE);
+        if let Err(e) = run.guard.check(&h, cid, open) {
+            return reject(self, run, format!("client {cid}: {e}"));
+        }
+        // A masked vector is checked in its wire form and added straight from these bytes
+        // (`Server::handle_bytes`); everything else is decoded first.
+        let (msg_stage, words, msg) = match fedlora_wire::view_masked_input(payload) {
+            Ok(Some(packed)) => (Stage::MaskedInput, Some(u64::from(packed.count)), None),
+            Ok(None) => match decode_client(payload) {
+                Ok(m) => (m.stage(), None, Some(m)),
+                Err(e) => {
+                    return reject(self, run, format!("client {cid}: malformed message: {e}"))
+                }
+            },
+            Err(e) => return reject(self, run, format!("client {cid}: malformed message: {e}")),
+        };
+        if stage_code(msg_stage) != h.stage {
+            return reject(
+                self,
+                run,
+                format!(
+                    "client {cid}: frame stage {} carries a {msg_stage} message",
+                    h.stage
+                ),
+            );
+        }
+        let handled = match msg {
+            Some(msg) => blocking(|| proto.handle_message(cid, msg)),
+            None => blocking(|| proto.handle_bytes(cid, payload)),
+        };
+        match handled {
+            Ok(()) => {
+                run.guard.accept(&h);
+                if let Some(words) = words {
+                    run.ingest_first =
+                        Some(run.ingest_first.map_or(first_byte, |f| f.min(first_byte)));
+                    run.ingest_last = Some(run.ingest_last.map_or(done, |l| l.max(done)));
+                    run.ingest_frames += 1;
+                    run.ingest_bytes += 4 + body.len() as u64;
+                    run.ingest_words += words;
+                }
+            }
+            Err(e) => reject(self, run, e.to_string()),
+        }
+    }
+
+    fn audit(&self, round: Option<u64>, event: &str, detail: &str) {
+        if let Err(e) = self.store.audit(round, event, detail) {
+            warn!(error = %e, "audit log write failed");
+        }
+    }
+
+    /// Waits until enough enrolled clients are connected; returns the connection ids of the
+    /// round's participants (sorted by identity name), or `None` at the join deadline.
+    async fn gather(&mut self) -> Option<Vec<u64>> {
+        let r = self.cfg.rounds.clone();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(r.join_timeout_ms);
+        let mut grace: Option<tokio::time::Instant> = None;
+        loop {
+            let n = self.conns.len() as u32;
+            if n >= r.max_clients {
+                break;
+            }
+            if n >= r.min_clients {
+                grace.get_or_insert_with(|| {
+                    tokio::time::Instant::now() + Duration::from_millis(r.join_grace_ms)
+                });
+            } else {
+                grace = None;
+            }
+            let wake = grace.map_or(deadline, |g| g.min(deadline));
+            if tokio::time::Instant::now() >= wake {
+                break;
+            }
+            tokio::select! {
+                ev = self.rx.recv() => match ev {
+                    Some(ev) => self.on_event(ev, None, None),
+                    None => return None,
+                },
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+        }
+        if (self.conns.len() as u32) < r.min_clients {
+            return None;
+        }
+        let mut ids: Vec<(String, u64)> = self
+            .conns
+            .iter()
+            .map(|(id, c)| (c.name.clone(), *id))
+            .collect();
+        ids.sort();
+        ids.truncate(r.max_clients as usize);
+        Some(ids.into_iter().map(|(_, id)| id).collect())
+    }
+
+    async fn run_round(&mut self) -> Result<RoundSummary, ServerError> {
+        let round = self.store.next_round()?;
+        let started = Instant::now();
+        info!(round, "waiting for clients");
+        let Some(members) = self.gather().await else {
+            let reason = AbortReason::Cancelled {
+                detail: format!(
+                    "only {} of {} required clients joined within {} ms",
+                    self.conns.len(),
+                    self.cfg.rounds.min_clients,
+                    self.cfg.rounds.join_timeout_ms
+                ),
+            };
+            return self.abort_before_start(round, started, Vec::new(), reason.to_string());
+        };
+        let n = members.len() as u32;
+        let names: Vec<String> = members
+            .iter()
+            .filter_map(|id| self.conns.get(id).map(|c| c.name.clone()))
+            .collect();
+        let roster: HashMap<u32, PublicIdentity> = members
+            .iter()
+            .enumerate()
+            .filter_map(|(i, id)| self.conns.get(id).map(|c| (i as u32, c.pk)))
+            .collect();
+        let mut params = match fedlora_secagg::derive(&self.cfg.protocol.request(n)) {
+            Ok(d) => d.params,
+            Err(e) => {
+                return self.abort_before_start(round, started, names, format!("parameters: {e}"))
+            }
+        };
+        // Differential privacy: leave ring headroom for the noise, then refuse a round the budget
+        // cannot afford before anything is sent (protocol-spec §7.4–§7.5).
+        let dim = u64::from(self.cfg.rounds.parameters);
+        let noise_plan = match &self.privacy {
+            None => None,
+            Some(p) => {
+                let planned = p
+                    .fit_params(&mut params, n, dim)
+                    .and_then(|()| p.plan_round(&params, n, dim));
+                match planned {
+                    Ok(planned) => {
+                        self.audit(
+                            Some(round),
+                            "privacy_planned",
+                            &serde_json::json!({
+                                "mode": p.mode(),
+                                "planned_round_epsilon": planned.planned.round_epsilon,
+                                "planned_cumulative_epsilon": planned.planned.cumulative_epsilon,
+                                "delta": planned.planned.delta,
+                                "min_survivors": planned.plan.min_survivors,
+                                "wrap_probability_bound": planned.plan.wrap_probability_bound,
+                            })
+                            .to_string(),
+                        );
+                        Some(planned.plan)
+                    }
+                    Err(e) => {
+                        return self.abort_before_start(
+                            round,
+                            started,
+                            names,
+                            format!("privacy: {e}"),
+                        )
+                    }
+                }
+            }
+        };
+        let manifest = vec![TensorSpec {
+            name: "adapter".into(),
+            shape: vec![self.cfg.rounds.parameters],
+        }];
+        let config = RoundConfig {
+            round,
+            nonce: rand::random(),
+            num_clients: n,
+            params: params.clone(),
+            manifest,
+        };
+        let mut proto = match fedlora_secagg::Server::new(config) {
+            Ok(s) => s.with_verifier(Box::new(Ed25519Authenticator::verifier(roster.clone()))),
+            Err(e) => {
+                return self.abort_before_start(round, started, names, format!("round config: {e}"))
+            }
+        };
+        let params_json = serde_json::json!({
+            "clients": n, "degree": params.degree, "threshold": params.threshold, "ring_bits": params.ring_bits,
+            "quant_bits": params.quant_bits, "clip": params.clip, "weight_bound": params.weight_bound,
+            "parameters": self.cfg.rounds.parameters,
+        })
+        .to_string();
+        let participants: Vec<(u32, String, String)> = (0..n)
+            .filter_map(|i| {
+                roster
+                    .get(&i)
+                    .map(|pk| (i, names[i as usize].clone(), pk.to_hex()))
+            })
+            .collect();
+        self.store.begin_round(round, &params_json, &participants)?;
+        self.audit(Some(round), "round_started", &params_json);
+        info!(
+            round,
+            clients = n,
+            threshold = params.threshold,
+            degree = params.degree,
+            ring_bits = params.ring_bits,
+            "round started"
+        );
+
+        let mut peers: Vec<(u32, String)> =
+            roster.iter().map(|(i, pk)| (*i, pk.to_hex())).collect();
+        peers.sort();
+        let start_payload = serde_json::to_vec(&RoundStart { peers }).unwrap_or_default();
+        for (i, conn_id) in members.iter().enumerate() {
+            let h = Header {
+                kind: Kind::RoundStart,
+                session: self.session,
+                round,
+                stage: NO_STAGE,
+                sender: i as u32,
+            };
+            self.send_to(*conn_id, Arc::new(h.encode(&start_payload)));
+        }
+
+        let mut run = RoundRun {
+            round,
+            by_conn: members
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (*c, i as u32))
+                .collect(),
+            members,
+            names,
+            guard: ReplayGuard::new(self.session, round),
+            rejected: 0,
+            dropped: BTreeMap::new(),
+            ingest_first: None,
+            ingest_last: None,
+            ingest_frames: 0,
+            ingest_bytes: 0,
+            ingest_words: 0,
+            ring_bits: params.ring_bits,
+        };
+        self.flush(&run, &mut proto);
+        let timeout = Duration::from_millis(self.cfg.rounds.stage_timeout_ms);
+        let mut stage = proto.stage();
+        let mut deadline = tokio::time::Instant::now() + timeout;
+        if let Some(s) = stage {
+            info!(round, stage = %s, expected = proto.waiting_for().len(), "stage open");
+        }
+        let outcome = loop {
+            // Events first: the state machine may have closed a stage or ended the round.
+            let mut end = None;
+            while let Some(ev) = proto.poll_event() {
+                match ev {
+                    ServerEvent::StageClosed { stage, survivors } => {
+                        info!(round, stage = %stage, survivors, "stage closed");
+                    }
+                    ServerEvent::Finished(agg) => end = Some(Ok(agg)),
+                    ServerEvent::Aborted(reason) => end = Some(Err(reason)),
+                }
+            }
+            if let Some(end) = end {
+                self.flush(&run, &mut proto);
+                break end;
+            }
+            if proto.stage() != stage {
+                stage = proto.stage();
+                deadline = tokio::time::Instant::now() + timeout;
+                if let Some(s) = stage {
+                    info!(round, stage = %s, expected = proto.waiting_for().len(), "stage open");
+                }
+            }
+            let Some(open) = stage else {
+                // Over without an event should not happen; treat as cancelled.
+                break Err(AbortReason::Cancelled {
+                    detail: "round ended without an outcome".into(),
+                });
+            };
+            let waiting = proto.waiting_for();
+            let all_gone = !waiting.is_empty()
+                && waiting
+                    .iter()
+                    .all(|id| !self.conns.contains_key(&run.members[*id as usize]));
+            if all_gone {
+                info!(round, stage = %open, missing = waiting.len(), "every missing client disconnected; closing stage");
+                self.close_stage(&mut run, &mut proto, open);
+                continue;
+            }
+            tokio::select! {
+                ev = self.rx.recv() => match ev {
+                    Some(ev) => self.on_event(ev, Some(&mut run), Some(&mut proto)),
+                    None => break Err(AbortReason::Cancelled { detail: "server shutting down".into() }),
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    info!(round, stage = %open, missing = proto.waiting_for().len(), "stage deadline");
+                    self.close_stage(&mut run, &mut proto, open);
+                }
+            }
+            self.flush(&run, &mut proto);
+        };
+
+        let wall_ms = started.elapsed().as_millis() as u64;
+        let ingest = run.ingest_first.zip(run.ingest_last).map(|(f, l)| {
+            let seconds = l.duration_since(f).as_secs_f64();
+            IngestStats {
+                frames: run.ingest_frames,
+                wire_bytes: run.ingest_bytes,
+                quantized_bytes: run.ingest_words * u64::from(run.ring_bits / 8),
+                seconds,
+                bytes_per_sec: run.ingest_bytes as f64 / seconds.max(1e-9),
+            }
+        });
+        let dropped: Vec<(u32, String)> =
+            run.dropped.iter().map(|(k, v)| (*k, v.clone())).collect();
+        match outcome {
+            Ok(mut agg) => {
+                if let (Some(p), Some(plan)) = (self.privacy.as_mut(), noise_plan.as_ref()) {
+                    // Central mode only: the trusted server adds the noise after unmasking.
+                    match p.central_noise(
+                        plan,
+                        &params,
+                        &mut agg.sum,
+                        agg.weight_sum,
+                        &mut rand::rng(),
+                    ) {
+                        Ok(Some(mean)) => agg.mean = mean,
+                        Ok(None) => {}
+                        Err(e) => warn!(round, error = %e, "central noise failed"),
+                    }
+                    // The epsilon this round actually realised: dropouts mean fewer noise shares.
+                    let survivors = agg.survivors.len() as u32;
+                    let detail = match p.record_round(plan, survivors) {
+                        Ok(r) => serde_json::json!({
+                            "mode": p.mode(), "survivors": survivors, "round_epsilon": r.round_epsilon,
+                            "cumulative_epsilon": r.cumulative_epsilon, "order": r.order, "delta": r.delta,
+                            "over_budget": r.over_budget,
+                        })
+                        .to_string(),
+                        Err(e) => format!("accounting failed: {e}"),
+                    };
+                    info!(round, %detail, "privacy realised");
+                    self.audit(Some(round), "privacy_realised", &detail);
+                }
+                let mut bytes = Vec::with_capacity(agg.mean.len() * 4);
+                for v in &agg.mean {
+                    bytes.extend_from_slice(&v.to_le_bytes());
+                }
+                let hash = blocking(|| {
+                    self.store
+                        .finish_round(round, &bytes, agg.survivors.len() as u32)
+                })?;
+                self.audit(
+                    Some(round),
+                    "round_finished",
+                    &format!("survivors={:?} sha256={hash}", agg.survivors),
+                );
+                info!(round, survivors = agg.survivors.len(), sha256 = %hash, wall_ms, "round finished; sending global state");
+                let mut payload = Vec::with_capacity(32 + bytes.len());
+                payload.extend_from_slice(&Sha256::digest(&bytes));
+                payload.extend_from_slice(&bytes);
+                let ids: Vec<u64> = self.conns.keys().copied().collect();
+                for conn_id in ids {
+                    let h = Header {
+                        kind: Kind::GlobalState,
+                        session: self.session,
+                        round,
+                        stage: NO_STAGE,
+                        sender: SERVER,
+                    };
+                    let mut body = Vec::with_capacity(crate::framing::HEADER_LEN + payload.len());
+                    h.encode_into(&mut body);
+                    body.extend_from_slice(&payload);
+                    self.send_to(conn_id, Arc::new(body));
+                }
+                Ok(RoundSummary {
+                    round,
+                    status: "finished".into(),
+                    participants: run.names,
+                    survivors: agg.survivors.clone(),
+                    dropped,
+                    abort_reason: None,
+                    aggregate_sha256: Some(hash),
+                    threshold: Some(params.threshold),
+                    ring_bits: Some(params.ring_bits),
+                    error_bound: Some(agg.error_bound),
+                    rejected: run.rejected,
+                    wall_ms,
+                    ingest,
+                })
+            }
+            Err(reason) => {
+                let text = reason.to_string();
+                self.store.abort_round(round, &text)?;
+                self.audit(Some(round), "round_aborted", &text);
+                warn!(round, reason = %text, "round aborted");
+                Ok(RoundSummary {
+                    round,
+                    status: "aborted".into(),
+                    participants: run.names,
+                    survivors: Vec::new(),
+                    dropped,
+                    abort_reason: Some(text),
+                    aggregate_sha256: None,
+                    threshold: Some(params.threshold),
+                    ring_bits: Some(params.ring_bits),
+                    error_bound: None,
+                    rejected: run.rejected,
+                    wall_ms,
+                    ingest,
+                })
+            }
+        }
+    }
+
+    fn close_stage(&mut self, run: &mut RoundRun, proto: &mut fedlora_secagg::Server, open: Stage) {
+        for id in proto.waiting_for() {
+            run.dropped
+                .entry(id)
+                .or_insert_with(|| open.name().to_string());
+            if let Err(e) = self.store.record_dropout(run.round, id, open.name()) {
+                warn!(error = %e, "store write failed");
+            }
+            let name = run.names.get(id as usize).cloned().unwrap_or_default();
+            info!(round = run.round, client = id, name = %name, stage = %open, "client dropped");
+        }
+        blocking(|| proto.close_stage());
+        self.flush(run, proto);
+    }
+
+    fn abort_before_start(
+        &mut self,
+        round: u64,
+        started: Instant,
+        participants: Vec<String>,
+        reason: String,
+    ) -> Result<RoundSummary, ServerError> {
+        self.store.begin_round(round, "{}", &[])?;
+        self.store.abort_round(round, &reason)?;
+        self.audit(Some(round), "round_aborted", &reason);
+        warn!(round, %reason, "round aborted before start");
+        Ok(RoundSummary {
+            round,
+            status: "aborted".into(),
+            participants,
+            survivors: Vec::new(),
+            dropped: Vec::new(),
+            abort_reason: Some(reason),
+            aggregate_sha256: None,
+            threshold: None,
+            ring_bits: None,
+            error_bound: None,
+            rejected: 0,
+            wall_ms: started.elapsed().as_millis() as u64,
+            ingest: None,
+        })
+    }
+
+    fn send_to(&self, conn_id: u64, body: Outgoing) {
+        if let Some(c) = self.conns.get(&conn_id) {
+            let _ = c.tx.send(body);
+        }
+    }
+
+    /// Sends everything the state machine queued.
+    fn flush(&self, run: &RoundRun, proto: &mut fedlora_secagg::Server) {
+        while let Some((id, msg)) = proto.poll_transmit() {
+            let Some(&conn_id) = run.members.get(id as usize) else {
+                continue;
+            };
+            if !self.conns.contains_key(&conn_id) {
+                continue;
+            }
+            let payload = match encode_server(&msg) {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(error = %e, "could not encode a server message");
+                    continue;
+                }
+            };
+            let h = Header {
+                kind: Kind::Protocol,
+                session: self.session,
+                round: run.round,
+                stage: server_stage_code(&msg),
+                sender: SERVER,
+            };
+            let mut body = Vec::with_capacity(crate::framing::HEADER_LEN + payload.len());
+            h.encode_into(&mut body);
+            body.extend_from_slice(&payload);
+            if matches!(msg, ServerMessage::Abort(_)) {
+                debug!(client = id, "sending abort");
+            }
+            self.send_to(conn_id, Arc::new(body));
+        }
+    }
+
+    /// Tells every client there are no more rounds and waits briefly for them to hang up.
+    async fn finish(&mut self) {
+        for c in self.conns.values() {
+            let h = Header {
+                kind: Kind::Done,
+                session: self.session,
+                round: 0,
+                stage: NO_STAGE,
+                sender: SERVER,
+            };
+            let _ = c.tx.send(Arc::new(h.encode(&[])));
+        }
+        let conns: Vec<quinn::Connection> = self.conns.values().map(|c| c.conn.clone()).collect();
+        self.conns.clear();
+        // Clients hang up once they have read everything up to the done frame; give the global
+        // state downloads a stage deadline to finish before the endpoint closes.
+        let _ = tokio::time::timeout(
+            Duration::from_millis(self.cfg.rounds.stage_timeout_ms),
+            async {
+                for c in conns {
+                    c.closed().await;
+                }
+            },
+        )
+        .await;
+        self.audit(None, "server_done", "all rounds run");
+    }
+}

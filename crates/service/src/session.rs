@@ -1,0 +1,218 @@
+//! One client's connection to the server: QUIC connect with the configured trust, one
+//! bidirectional stream, the identity hello bound to the TLS session, then frames both ways.
+//! Used by the client driver, and by tests that need to misbehave at the frame level.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use fedlora_secagg::wire::{ServerMessage, Stage};
+use serde::{Deserialize, Serialize};
+
+use crate::framing::{read_frame, write_frame_parts, FrameError, Header, Kind, HEADER_LEN, SERVER};
+use crate::identity::{IdentityKey, HELLO_CONTEXT};
+use crate::quic::{client_endpoint, connect, QuicError};
+use crate::tls::ServerTrust;
+
+/// TLS exporter label for the hello signature (RFC 8446 §7.5).
+pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-fedlora-hello-v1";
+/// Largest frame accepted before the peer is authenticated.
+pub const MAX_HELLO_FRAME: u32 = 1024;
+/// Stage byte of frames that belong to no stage (abort, control).
+pub const NO_STAGE: u8 = 0xff;
+/// QUIC application close code: normal end.
+pub const CLOSE_OK: u32 = 0;
+/// QUIC application close code: refused (unknown identity, bad hello).
+pub const CLOSE_REFUSED: u32 = 1;
+/// QUIC application close code: protocol violation (oversized or undecodable frame).
+pub const CLOSE_VIOLATION: u32 = 2;
+
+/// Errors on a client session.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// QUIC setup or connection failed (includes a server certificate that does not match).
+    #[error(transparent)]
+    Quic(#[from] QuicError),
+    /// Connecting took longer than the deadline.
+    #[error("timed out connecting to {0}")]
+    ConnectTimeout(SocketAddr),
+    /// Opening the stream failed.
+    #[error("stream: {0}")]
+    Stream(String),
+    /// A frame could not be read or written.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The server refused this client.
+    #[error("refused by server: {0}")]
+    Refused(String),
+    /// The server broke the protocol (unexpected or malformed frame).
+    #[error("server protocol violation: {0}")]
+    Violation(String),
+    /// The connection ended.
+    #[error("connection closed by server")]
+    Closed,
+}
+
+/// The TLS exporter value both ends derive for this connection.
+pub fn exporter(conn: &quinn::Connection) -> Result<[u8; 32], String> {
+    let mut out = [0u8; 32];
+    conn.export_keying_material(&mut out, EXPORTER_LABEL, b"")
+        .map_err(|e| format!("{e:?}"))?;
+    Ok(out)
+}
+
+/// The stage byte for a protocol stage (its index in protocol order).
+pub fn stage_code(stage: Stage) -> u8 {
+    Stage::ALL
+        .iter()
+        .position(|s| *s == stage)
+        .map(|p| p as u8)
+        .unwrap_or(NO_STAGE)
+}
+
+/// The stage byte of a server message: the stage it opens.
+pub fn server_stage_code(msg: &ServerMessage) -> u8 {
+    match msg {
+        ServerMessage::Setup(_) => stage_code(Stage::AdvertiseKeys),
+        ServerMessage::Abort(_) => NO_STAGE,
+        other => other.stage().map(stage_code).unwrap_or(NO_STAGE),
+    }
+}
+
+/// Payload of a [`Kind::RoundStart`] frame: the round's roster (client id → identity key hex).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RoundStart {
+    /// Every invited client's id and Ed25519 identity key (hex), sorted by id.
+    pub peers: Vec<(u32, String)>,
+}
+
+/// An authenticated client connection.
+#[derive(Debug)]
+pub struct ClientSession {
+    /// The QUIC connection.
+    pub conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    /// The server's session id from the welcome.
+    pub session: [u8; 16],
+    max_frame: u32,
+    endpoint: quinn::Endpoint,
+}
+
+impl ClientSession {
+    /// Connects, checks the server certificate, and authenticates with `identity`.
+    pub async fn connect(
+        server: SocketAddr,
+        server_name: &str,
+        trust: &ServerTrust,
+        identity: &IdentityKey,
+        max_frame: u32,
+        timeout: Duration,
+    ) -> Result<Self, SessionError> {
+        let endpoint = client_endpoint(server, trust)?;
+        let conn = tokio::time::timeout(timeout, connect(&endpoint, server, server_name))
+            .await
+            .map_err(|_| SessionError::ConnectTimeout(server))??;
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| SessionError::Stream(e.to_string()))?;
+        let ekm = exporter(&conn).map_err(SessionError::Stream)?;
+        let sig = identity.sign(HELLO_CONTEXT, &ekm);
+        let mut payload = Vec::with_capacity(96);
+        payload.extend_from_slice(&identity.public().to_bytes());
+        payload.extend_from_slice(&sig);
+        let hello = Header {
+            kind: Kind::Hello,
+            session: [0; 16],
+            round: 0,
+            stage: NO_STAGE,
+            sender: 0,
+        };
+        write_frame_parts(&mut send, &hello, &payload).await?;
+        let body = tokio::time::timeout(timeout, read_frame(&mut recv, MAX_HELLO_FRAME))
+            .await
+            .map_err(|_| SessionError::ConnectTimeout(server))?;
+        let body = match body {
+            Ok(Some(b)) => b,
+            Ok(None) => return Err(SessionError::Closed),
+            Err(e) => {
+                if let Some(reason) = conn.close_reason() {
+                    return Err(SessionError::Refused(reason.to_string()));
+                }
+                return Err(e.into());
+            }
+        };
+        let (h, payload) = Header::decode(&body)?;
+        match h.kind {
+            Kind::Welcome if payload.len() == 16 && h.sender == SERVER => {
+                let mut session = [0u8; 16];
+                session.copy_from_slice(payload);
+                Ok(Self {
+                    conn,
+                    send,
+                    recv,
+                    session,
+                    max_frame,
+                    endpoint,
+                })
+            }
+            Kind::Refused => Err(SessionError::Refused(
+                String::from_utf8_lossy(payload).into_owned(),
+            )),
+            other => Err(SessionError::Violation(format!(
+                "expected welcome, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Sends one frame.
+    pub async fn send(&mut self, header: &Header, payload: &[u8]) -> Result<(), SessionError> {
+        Ok(write_frame_parts(&mut self.send, header, payload).await?)
+    }
+
+    /// Writes raw bytes on the stream (tests that forge framing).
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
+        self.send
+            .write_all(bytes)
+            .await
+            .map_err(|e| SessionError::Stream(e.to_string()))
+    }
+
+    /// Receives one frame: its header and its whole body (payload at `HEADER_LEN..`).
+    /// `Ok(None)` when the server closed the stream cleanly.
+    pub async fn recv(&mut self) -> Result<Option<(Header, Vec<u8>)>, SessionError> {
+        let Some(body) = read_frame(&mut self.recv, self.max_frame).await? else {
+            return Ok(None);
+        };
+        let (h, _) = Header::decode(&body)?;
+        Ok(Some((h, body)))
+    }
+
+    /// A header from this client for `round`/`stage`.
+    pub fn header(&self, kind: Kind, round: u64, stage: u8, sender: u32) -> Header {
+        Header {
+            kind,
+            session: self.session,
+            round,
+            stage,
+            sender,
+        }
+    }
+
+    /// Closes the connection gracefully and waits (briefly) for the close to be sent.
+    pub async fn close(self) {
+        let Self {
+            conn,
+            mut send,
+            endpoint,
+            ..
+        } = self;
+        let _ = send.finish();
+        conn.close(CLOSE_OK.into(), b"bye");
+        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    }
+}
+
+/// Byte offset of the payload in a frame body.
+pub const PAYLOAD_OFFSET: usize = HEADER_LEN;
