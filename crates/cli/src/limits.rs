@@ -11,9 +11,9 @@ use clap::Args;
 use rayon::prelude::*;
 use serde::Serialize;
 
+use fedlora_secagg::kdf::SessionId;
 use fedlora_secagg::prg::{apply_masks, keystream_into, MaskKey, Sign, CHUNK_WORDS};
 use fedlora_secagg::secret::Seed;
-use fedlora_secagg::kdf::SessionId;
 
 /// Measure AES-CTR expansion and u32 summation throughput on this machine.
 #[derive(Debug, Args)]
@@ -46,7 +46,8 @@ pub struct Limits {
 impl Limits {
     /// Seconds the bound allows for expanding `prg_words` mask words and summing `sum_words` words.
     pub fn bound_seconds(&self, prg_words: u64, sum_words: u64) -> f64 {
-        prg_words as f64 * 4.0 / self.aes_ctr_bytes_per_sec + sum_words as f64 * 4.0 / self.sum_bytes_per_sec
+        prg_words as f64 * 4.0 / self.aes_ctr_bytes_per_sec
+            + sum_words as f64 * 4.0 / self.sum_bytes_per_sec
     }
 }
 
@@ -70,7 +71,9 @@ impl Limits {
     pub fn best(self, other: Limits) -> Limits {
         Limits {
             threads: self.threads,
-            aes_ctr_bytes_per_sec_1t: self.aes_ctr_bytes_per_sec_1t.max(other.aes_ctr_bytes_per_sec_1t),
+            aes_ctr_bytes_per_sec_1t: self
+                .aes_ctr_bytes_per_sec_1t
+                .max(other.aes_ctr_bytes_per_sec_1t),
             aes_ctr_bytes_per_sec: self.aes_ctr_bytes_per_sec.max(other.aes_ctr_bytes_per_sec),
             sum_bytes_per_sec_1t: self.sum_bytes_per_sec_1t.max(other.sum_bytes_per_sec_1t),
             sum_bytes_per_sec: self.sum_bytes_per_sec.max(other.sum_bytes_per_sec),
@@ -106,12 +109,18 @@ pub fn measure(megabytes: usize) -> Limits {
     let mut acc = vec![1u32; words];
     let input: Vec<u32> = (0..words as u32).collect();
     let sum_1t = best_of(3, bytes, || {
-        acc.iter_mut().zip(&input).for_each(|(a, v)| *a = a.wrapping_add(*v));
+        acc.iter_mut()
+            .zip(&input)
+            .for_each(|(a, v)| *a = a.wrapping_add(*v));
     });
     let sum = best_of(3, bytes, || {
         acc.par_chunks_mut(CHUNK_WORDS)
             .zip(input.par_chunks(CHUNK_WORDS))
-            .for_each(|(a, v)| a.iter_mut().zip(v).for_each(|(a, v)| *a = a.wrapping_add(*v)));
+            .for_each(|(a, v)| {
+                a.iter_mut()
+                    .zip(v)
+                    .for_each(|(a, v)| *a = a.wrapping_add(*v))
+            });
     });
     std::hint::black_box(&acc);
     let masks: Vec<MaskKey> = (0..4u8)
@@ -133,7 +142,10 @@ pub fn measure(megabytes: usize) -> Limits {
 /// Runs `fedlora limits`.
 pub fn run(args: LimitsArgs, json: bool) -> anyhow::Result<()> {
     crate::threads::init(args.threads)?;
-    eprintln!("measuring AES-128-CTR and u32 summation over {} MB ...", args.megabytes);
+    eprintln!(
+        "measuring AES-128-CTR and u32 summation over {} MB ...",
+        args.megabytes
+    );
     let l = measure(args.megabytes);
     let gb = |x: f64| x / 1e9;
     crate::output::emit(

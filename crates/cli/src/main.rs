@@ -15,7 +15,11 @@ mod threads;
 mod train_cmd;
 
 #[derive(Debug, Parser)]
-#[command(name = "fedlora", version, about = "Privacy-preserving federated LoRA fine-tuning")]
+#[command(
+    name = "fedlora",
+    version,
+    about = "Privacy-preserving federated LoRA fine-tuning"
+)]
 struct Cli {
     /// Print one JSON object as the last line of standard output (machine-readable report).
     #[arg(long, global = true)]

@@ -4,7 +4,11 @@
 use std::process::ExitCode;
 
 /// Prints a report: pretty text for people, or one line of JSON.
-pub fn emit<T: serde::Serialize>(json: bool, human: impl FnOnce() -> String, value: &T) -> anyhow::Result<()> {
+pub fn emit<T: serde::Serialize>(
+    json: bool,
+    human: impl FnOnce() -> String,
+    value: &T,
+) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string(value)?);
     } else {

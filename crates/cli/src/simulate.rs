@@ -15,9 +15,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use fedlora_secagg::harness::{Clock, Harness, Outcome};
-use fedlora_secagg::{
-    derive, ClientInput, ParamRequest, RoundConfig, Stage, TensorSpec,
-};
+use fedlora_secagg::{derive, ClientInput, ParamRequest, RoundConfig, Stage, TensorSpec};
 
 use crate::output::{emit, Reported};
 
@@ -138,7 +136,8 @@ struct Report {
 }
 
 fn client_input(seed: u64, i: u32, len: u32, clip: f32, weight_bound: u32) -> ClientInput {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(i));
+    let mut rng =
+        ChaCha8Rng::seed_from_u64(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(i));
     let weight = rng.random_range(1..=weight_bound);
     ClientInput {
         values: (0..len).map(|_| rng.random_range(-clip..=clip)).collect(),
@@ -170,8 +169,14 @@ pub fn run(args: SimulateArgs, json: bool) -> anyhow::Result<()> {
     let params = derivation.params.clone();
     let len = args.params;
     let manifest = vec![
-        TensorSpec { name: "lora_A".into(), shape: vec![len / 2] },
-        TensorSpec { name: "lora_B".into(), shape: vec![len - len / 2] },
+        TensorSpec {
+            name: "lora_A".into(),
+            shape: vec![len / 2],
+        },
+        TensorSpec {
+            name: "lora_B".into(),
+            shape: vec![len - len / 2],
+        },
     ];
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
     let dropped_count = (args.dropout * f64::from(n)).round() as u32;
@@ -196,8 +201,10 @@ pub fn run(args: SimulateArgs, json: bool) -> anyhow::Result<()> {
 
     let bar = ProgressBar::new(u64::from(n) * 5);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} {msg:>10} [{bar:40}] {pos}/{len} client-steps {elapsed}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{spinner} {msg:>10} [{bar:40}] {pos}/{len} client-steps {elapsed}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     // Without a terminal (CI logs, pipes) the bar is hidden and each stage prints one line instead.
     let plain = !std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -211,7 +218,13 @@ pub fn run(args: SimulateArgs, json: bool) -> anyhow::Result<()> {
             client_input(args.seed, i, len, args.clip, args.weight_bound)
         })
         .collect();
-    let config = RoundConfig { round: 1, nonce, num_clients: n, params: params.clone(), manifest };
+    let config = RoundConfig {
+        round: 1,
+        nonce,
+        num_clients: n,
+        params: params.clone(),
+        manifest,
+    };
     let mut harness = Harness::new(config, inputs, drop_at, args.seed)?;
     let progress_bar = bar.clone();
     let mut stage_base = 0u64;
@@ -245,7 +258,10 @@ pub fn run(args: SimulateArgs, json: bool) -> anyhow::Result<()> {
         Outcome::Finished(agg) => agg,
         Outcome::Aborted(reason) => {
             if json {
-                println!("{}", serde_json::json!({ "aborted": reason.to_string(), "reason": format!("{reason:?}") }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "aborted": reason.to_string(), "reason": format!("{reason:?}") })
+                );
             }
             return Err(Reported(format!("round aborted: {reason}")).into());
         }
@@ -284,10 +300,17 @@ pub fn run(args: SimulateArgs, json: bool) -> anyhow::Result<()> {
         };
         server_seconds += s;
         client_seconds += c;
-        stages.push(StageReport { stage: stage.name(), server_seconds: s, client_seconds: c });
+        stages.push(StageReport {
+            stage: stage.name(),
+            server_seconds: s,
+            client_seconds: c,
+        });
     }
-    let full: Vec<usize> = (0..n as usize).filter(|&i| agg.survivors.binary_search(&(i as u32)).is_ok()).collect();
-    let mean_of = |v: &[u64]| full.iter().map(|&i| v[i] as f64).sum::<f64>() / full.len().max(1) as f64;
+    let full: Vec<usize> = (0..n as usize)
+        .filter(|&i| agg.survivors.binary_search(&(i as u32)).is_ok())
+        .collect();
+    let mean_of =
+        |v: &[u64]| full.iter().map(|&i| v[i] as f64).sum::<f64>() / full.len().max(1) as f64;
     let upload = mean_of(&harness.bytes_up);
     let quantized = words * u64::from(params.ring_bits / 8);
     let report = Report {
@@ -336,7 +359,10 @@ fn human(r: &Report) -> String {
         r.raw_f32_bytes_per_client,
     );
     for st in &r.stages {
-        s += &format!("  stage {:>9}: server {:.4} s, client {:.4} s\n", st.stage, st.server_seconds, st.client_seconds);
+        s += &format!(
+            "  stage {:>9}: server {:.4} s, client {:.4} s\n",
+            st.stage, st.server_seconds, st.client_seconds
+        );
     }
     s.trim_end().to_string()
 }

@@ -26,8 +26,8 @@ pub use calibrate::{
 pub use clip::{clip_l2, clip_l2_many, ClipError, ClipReport};
 pub use config::{ConfigError, PrivacyConfig, ResolvedPrivacy};
 pub use noise::{calibration_for_round, ClientNoise};
-pub use server::{PlannedRound, ServerPrivacy, ServerPrivacyError};
 pub use sampler::{
     add_discrete_gaussian_to_ring, ring_to_signed, sample_discrete_gaussian, DiscreteGaussian,
     Rational, SamplerError,
 };
+pub use server::{PlannedRound, ServerPrivacy, ServerPrivacyError};

@@ -295,9 +295,7 @@ pub fn add_packed_words(acc: &mut [u32], ring_bits: u8, payload: &[u8]) {
 
 fn decode_masked_input(body: &[u8]) -> Result<MaskedInput, DecodeError> {
     let PackedWords {
-        ring_bits,
-        payload,
-        ..
+        ring_bits, payload, ..
     } = masked_header(body)?;
     let mut words = vec![0u32; payload.len() / usize::from(ring_bits / 8)];
     add_packed_words(&mut words, ring_bits, payload);

@@ -9,9 +9,9 @@ pub mod codec;
 pub mod messages;
 
 pub use codec::{
-    add_packed_words, view_masked_input, PackedWords,
-    decode_client, decode_server, encode_client, encode_server, packed_word_bytes, DecodeError,
-    EncodeError, MASKED_INPUT_HEADER_BYTES, MAX_STRUCTURED_MESSAGE_BYTES, MAX_VECTOR_WORDS,
+    add_packed_words, decode_client, decode_server, encode_client, encode_server,
+    packed_word_bytes, view_masked_input, DecodeError, EncodeError, PackedWords,
+    MASKED_INPUT_HEADER_BYTES, MAX_STRUCTURED_MESSAGE_BYTES, MAX_VECTOR_WORDS,
 };
 pub use messages::*;
 
