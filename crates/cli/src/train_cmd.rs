@@ -14,15 +14,6 @@ use fedlora_train::{LoraConfig, TrainConfig};
 
 use crate::output::emit;
 
-/// The binary's allocator. candle allocates a fresh buffer for every tensor op; glibc's malloc hands
-/// large freed buffers back to the kernel and the next op faults them in again, zero-filled.
-/// Profiling a MiniLM LoRA step showed ~40% of its time in the kernel's page clearing, and keeping
-/// pages (glibc tunables as an experiment) doubled tokens/s. jemalloc keeps freed pages for reuse
-/// (10 s decay) with no tuning. It lives here because training is what needs it; it applies to
-/// the whole `fedlora` binary.
-#[global_allocator]
-static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 /// Model and runtime options shared by the three commands.
 #[derive(Debug, Args)]
 pub struct CommonArgs {

@@ -568,8 +568,13 @@ mod tests {
     #[test]
     fn long_prompts_are_cut_from_the_left_and_completions_kept() {
         let model = crate::model::LoadedModel::tiny_llama(1).expect("model");
-        let crate::model::Tok::Bpe(tok) = &model.tok else { panic!("bpe") };
-        let ex = Example::Gen { prompt: "p".repeat(100), answer: "abc".into() };
+        let crate::model::Tok::Bpe(tok) = &model.tok else {
+            panic!("bpe")
+        };
+        let ex = Example::Gen {
+            prompt: "p".repeat(100),
+            answer: "abc".into(),
+        };
         let e = encode_gen(tok, &ex, 32, true).expect("enc");
         assert_eq!(e.target_start, 16);
         assert_eq!(e.ids.len(), 16 + 3);

@@ -24,8 +24,8 @@ pub enum TrainError {
         /// The underlying error.
         source: serde_json::Error,
     },
-    /// A model or data set that is fetched by `scripts/fetch-assets.sh` is not there.
-    #[error("missing asset {what} at {}: run `scripts/fetch-assets.sh` (or set FEDLORA_ASSETS) first", path.display())]
+    /// A model or data set that is fetched by `deploy/fetch-assets.sh` is not there.
+    #[error("missing asset {what} at {}: run `deploy/fetch-assets.sh` (or set FEDLORA_ASSETS) first", path.display())]
     MissingAsset {
         /// The asset, in words.
         what: String,

@@ -1,4 +1,4 @@
-//! Tests on the real shipped assets (fetched by `scripts/fetch-assets.sh`; CI runs it first).
+//! Tests on the real shipped assets (fetched by `deploy/fetch-assets.sh`; CI runs it first).
 //! Each test prints a skip message and passes when its asset is missing, so a checkout without
 //! assets still builds and tests.
 
@@ -25,7 +25,7 @@ fn asset_or_skip(rel: &str, test: &str) -> Option<std::path::PathBuf> {
         use std::io::Write;
         let _ = writeln!(
             std::io::stderr(),
-            "SKIPPED {test}: asset {} missing; run scripts/fetch-assets.sh",
+            "SKIPPED {test}: asset {} missing; run deploy/fetch-assets.sh",
             p.display()
         );
         None

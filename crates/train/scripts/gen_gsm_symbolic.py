@@ -7,7 +7,7 @@ dependencies), load only its generator modules and `reasoning_gym/utils.py` stra
 wheel, and call the 85 templates marked good (`tasks_ok`) with seeded RNGs. Each line is
 {"split", "template", "question", "answer"} where answer is the worked solution ending "#### N".
 
-    python3 scripts/gen_gsm_symbolic.py            # writes crates/train/data/gsm_symbolic.jsonl
+    python3 crates/train/scripts/gen_gsm_symbolic.py            # writes crates/train/data/gsm_symbolic.jsonl
 """
 import ast
 import importlib.util
@@ -21,7 +21,7 @@ import types
 import zipfile
 
 TRAIN, TEST, SEED = 400, 100, 20260101
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # repository root
 OUT = os.path.join(ROOT, "crates", "train", "data", "gsm_symbolic.jsonl")
 
 
