@@ -486,40 +486,18 @@ impl Server {
     }
 
     fn on_unmask_response(&mut self, from: ClientId, m: UnmaskResponse) -> Result<(), ServerError> {
-        let stage = Stage::Unmask;
         let graph = self.graph.as_ref().ok_or(ServerError::RoundOver)?;
         let mut seen = BTreeSet::new();
-        let mut self_shares = Vec::with_capacity(m.self_mask_shares.len());
-        for r in &m.self_mask_shares {
-            let owner_ok = self.uploaded.contains(&r.owner)
-                && (r.owner == from || graph.are_neighbours(r.owner, from));
-            if !owner_ok || !seen.insert((0u8, r.owner)) {
-                return Err(Self::malformed(
-                    from,
-                    stage,
-                    format!("unrequested or duplicate self-mask share of {}", r.owner),
-                ));
-            }
-            let share = Share::from_bytes(from, &r.share)
-                .map_err(|e| Self::malformed(from, stage, e.to_string()))?;
-            self_shares.push((r.owner, share));
-        }
-        let mut key_shares = Vec::with_capacity(m.mask_key_shares.len());
-        for r in &m.mask_key_shares {
-            let owner_ok = self.shared.contains_key(&r.owner)
-                && !self.uploaded.contains(&r.owner)
-                && graph.are_neighbours(r.owner, from);
-            if !owner_ok || !seen.insert((1u8, r.owner)) {
-                return Err(Self::malformed(
-                    from,
-                    stage,
-                    format!("unrequested or duplicate mask-key share of {}", r.owner),
-                ));
-            }
-            let share = Share::from_bytes(from, &r.share)
-                .map_err(|e| Self::malformed(from, stage, e.to_string()))?;
-            key_shares.push((r.owner, share));
-        }
+        // A self-mask share is wanted for a survivor the responder neighbours (or itself); a
+        // mask-key share for a neighbour that shared keys but did not upload.
+        let self_shares = Self::revealed(from, "self-mask", &m.self_mask_shares, &mut seen, |o| {
+            self.uploaded.contains(&o) && (o == from || graph.are_neighbours(o, from))
+        })?;
+        let key_shares = Self::revealed(from, "mask-key", &m.mask_key_shares, &mut seen, |o| {
+            self.shared.contains_key(&o)
+                && !self.uploaded.contains(&o)
+                && graph.are_neighbours(o, from)
+        })?;
         for (owner, share) in self_shares {
             self.self_mask_shares.entry(owner).or_default().push(share);
         }
@@ -528,6 +506,33 @@ impl Server {
         }
         self.responded.insert(from);
         Ok(())
+    }
+
+    /// Parses revealed shares of one kind, refusing owners that were not asked for and duplicates
+    /// (an owner appears at most once across both kinds: `seen` is shared).
+    fn revealed(
+        from: ClientId,
+        kind: &str,
+        shares: &[fedlora_wire::RevealedShare],
+        seen: &mut BTreeSet<ClientId>,
+        wanted: impl Fn(ClientId) -> bool,
+    ) -> Result<Vec<(ClientId, Share)>, ServerError> {
+        let stage = Stage::Unmask;
+        shares
+            .iter()
+            .map(|r| {
+                if !wanted(r.owner) || !seen.insert(r.owner) {
+                    return Err(Self::malformed(
+                        from,
+                        stage,
+                        format!("unrequested or duplicate {kind} share of {}", r.owner),
+                    ));
+                }
+                let share = Share::from_bytes(from, &r.share)
+                    .map_err(|e| Self::malformed(from, stage, e.to_string()))?;
+                Ok((r.owner, share))
+            })
+            .collect()
     }
 
     /// Ends the current stage: clients that have not answered count as dropped. Called by the
