@@ -373,6 +373,15 @@ impl Server {
         Ok(())
     }
 
+    /// Clients that shared keys but sent no masked input (U2 \ U3, protocol-spec §4.2.4).
+    fn dropped(&self) -> Vec<ClientId> {
+        self.shared
+            .keys()
+            .copied()
+            .filter(|c| !self.uploaded.contains(c))
+            .collect()
+    }
+
     fn close_if_complete(&mut self) {
         if self.waiting_for().is_empty() {
             self.close_stage();
@@ -662,12 +671,7 @@ impl Server {
             detail: "internal: no graph".into(),
         })?;
         let survivors: Vec<ClientId> = self.uploaded.iter().copied().collect();
-        let dropped: Vec<ClientId> = self
-            .shared
-            .keys()
-            .copied()
-            .filter(|c| !self.uploaded.contains(c))
-            .collect();
+        let dropped = self.dropped();
         let threshold = self.config.params.threshold;
         for &c in self.shared.keys() {
             let live_neighbours = graph
@@ -733,13 +737,8 @@ impl Server {
             masks.push(MaskKey::new(&seed, &session, Sign::Minus));
         }
         // Pairwise masks the survivors added towards dropped neighbours.
-        let dropped: Vec<ClientId> = self
-            .shared
-            .keys()
-            .copied()
-            .filter(|c| !self.uploaded.contains(c))
-            .collect();
-        for c in dropped {
+        let dropped = self.dropped();
+        for &c in &dropped {
             let live: Vec<ClientId> = graph
                 .neighbours(c)
                 .into_iter()
@@ -793,12 +792,6 @@ impl Server {
         let survivors: Vec<ClientId> = self.uploaded.iter().copied().collect();
         let error_bound = quantizer.error_bound(survivors.len(), weight_sum);
         sum.pop();
-        let dropped = self
-            .shared
-            .keys()
-            .copied()
-            .filter(|c| !self.uploaded.contains(c))
-            .collect();
         self.phase = Phase::Finished;
         self.events
             .push_back(ServerEvent::Finished(Box::new(Aggregate {
