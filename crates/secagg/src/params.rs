@@ -203,6 +203,16 @@ fn check_rate(name: &'static str, value: f64) -> Result<(), ParamError> {
     }
 }
 
+/// Implements the ring-size rule of protocol-spec §5.3: returns `(headroom, needed)`, where
+/// `headroom = ⌈log2 n⌉ + 1` bits keep the sum of `n` values of `quant_bits` precision from
+/// overflowing, and `needed` is the smallest ring width that also holds the weight sum `n · W`.
+fn ring_bits_needed(clients: u32, weight_bound: u32, quant_bits: u8) -> (u32, u32) {
+    let headroom = ceil_log2(u64::from(clients)) + 1;
+    let weight_bits = 64 - (u64::from(clients) * u64::from(weight_bound)).leading_zeros();
+    let needed = (u32::from(quant_bits) + headroom).max(weight_bits + 1);
+    (headroom, needed)
+}
+
 /// Implements the ring-width choice (protocol-spec §5.3). Returns `(ring_bits, quant_bits)`.
 pub fn choose_ring(
     clients: u32,
@@ -210,9 +220,7 @@ pub fn choose_ring(
     min_quant_bits: u8,
     forced: Option<u8>,
 ) -> Result<(u8, u8), ParamError> {
-    let headroom = ceil_log2(u64::from(clients)) + 1;
-    let weight_bits = 64 - (u64::from(clients) * u64::from(weight_bound)).leading_zeros();
-    let needed = (u32::from(min_quant_bits) + headroom).max(weight_bits + 1);
+    let (headroom, needed) = ring_bits_needed(clients, weight_bound, min_quant_bits);
     let fits = |b: u8| u32::from(b) >= needed;
     let b =
         match forced {
@@ -338,10 +346,7 @@ pub fn validate(params: &RoundParams, num_clients: u32) -> Result<(), ParamError
     if params.weight_bound == 0 {
         return Err(ParamError::ZeroWeightBound);
     }
-    let headroom = ceil_log2(u64::from(num_clients)) + 1;
-    let weight_bits =
-        64 - (u64::from(num_clients) * u64::from(params.weight_bound)).leading_zeros();
-    let needed = (u32::from(params.quant_bits) + headroom).max(weight_bits + 1);
+    let (_, needed) = ring_bits_needed(num_clients, params.weight_bound, params.quant_bits);
     if ![8, 16, 24, 32].contains(&params.ring_bits)
         || u32::from(params.ring_bits) < needed
         || params.quant_bits < 2
