@@ -307,26 +307,44 @@ pub struct EnrolledClient {
     pub public_key: String,
 }
 
+/// Parses a configuration file, resolves its relative paths against the file's directory and
+/// validates it: the one load path of both the server and the client configuration.
+fn load_file<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    resolve_paths: fn(&mut T, &Path),
+    validate: fn(&T) -> Result<(), ConfigError>,
+) -> Result<T, ConfigError> {
+    let mut cfg: T = parse_file(path)?;
+    if let Some(base) = path.parent() {
+        resolve_paths(&mut cfg, base);
+    }
+    validate(&cfg)?;
+    Ok(cfg)
+}
+
+/// Parses and validates TOML text (no file-relative resolution).
+fn parse_inline<T: serde::de::DeserializeOwned>(
+    text: &str,
+    validate: fn(&T) -> Result<(), ConfigError>,
+) -> Result<T, ConfigError> {
+    let cfg: T = toml::from_str(text).map_err(|source| ConfigError::Parse {
+        path: "<inline>".into(),
+        source,
+    })?;
+    validate(&cfg)?;
+    Ok(cfg)
+}
+
 impl ServerConfig {
     /// Reads and validates a server configuration file.
     /// Relative paths are resolved against the file's directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let mut cfg: Self = parse_file(path)?;
-        if let Some(base) = path.parent() {
-            cfg.resolve_paths(base);
-        }
-        cfg.validate()?;
-        Ok(cfg)
+        load_file(path, Self::resolve_paths, Self::validate)
     }
 
     /// Parses TOML text (no file-relative resolution).
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let cfg: Self = toml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: "<inline>".into(),
-            source,
-        })?;
-        cfg.validate()?;
-        Ok(cfg)
+        parse_inline(text, Self::validate)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -509,22 +527,12 @@ impl ClientConfig {
     /// Reads and validates a client configuration file; relative paths are resolved against the
     /// file's directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let mut cfg: Self = parse_file(path)?;
-        if let Some(base) = path.parent() {
-            cfg.resolve_paths(base);
-        }
-        cfg.validate()?;
-        Ok(cfg)
+        load_file(path, Self::resolve_paths, Self::validate)
     }
 
     /// Parses TOML text.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let cfg: Self = toml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: "<inline>".into(),
-            source,
-        })?;
-        cfg.validate()?;
-        Ok(cfg)
+        parse_inline(text, Self::validate)
     }
 
     fn resolve_paths(&mut self, base: &Path) {
