@@ -328,6 +328,19 @@ fn clients_aggregate_exactly_over_two_rounds() {
         .all(|r| r.status == RoundStatus::Finished));
 }
 
+/// Waits (bounded) for a process that is expected to exit on its own, and returns its exit code.
+fn exit_code(mut p: Proc) -> i32 {
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = p.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(start.elapsed() < LIMIT);
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    status.code().unwrap_or(-1)
+}
+
 /// One round of 4 clients (threshold 3) where the clients in `victims` die right before sending
 /// their message for `stage`; returns the server's round report.
 fn round_with_deaths(
@@ -355,16 +368,7 @@ fn round_with_deaths(
         .enumerate()
         .map(|(i, c)| {
             if victims.contains(&i) {
-                let mut c = c;
-                let start = Instant::now();
-                let status = loop {
-                    if let Some(s) = c.child.try_wait().expect("wait") {
-                        break s;
-                    }
-                    assert!(start.elapsed() < LIMIT);
-                    std::thread::sleep(Duration::from_millis(20));
-                };
-                (status.code().unwrap_or(-1), Value::Null)
+                (exit_code(c), Value::Null)
             } else {
                 c.finish()
             }
@@ -400,6 +404,51 @@ fn one_client_killed_at_each_stage_round_completes() {
             );
         }
     }
+}
+
+/// A client killed half-way through streaming its masked input (30,000 parameters: a 90 KB frame,
+/// streamed into the sum as it arrives) is taken back out when the stage closes: the round
+/// finishes with the other three, exactly.
+#[test]
+fn client_killed_mid_upload_is_taken_back_out_of_the_sum() {
+    let f = Fixture::new("mid-upload", 4);
+    let cfg = f.server_config(1, 4, 3_000, 30_000, &[]);
+    let (server, addr, fp) = f.start_server(&cfg, &[]);
+    let clients: Vec<Proc> = (0..4)
+        .map(|i| {
+            let extra: &[&str] = if i == 3 { &["--fail-mid-upload"] } else { &[] };
+            f.start_client(i, &addr, &fp, extra)
+        })
+        .collect();
+    let (code, report) = server.finish();
+    assert_eq!(code, 0);
+    let round = report["rounds"][0].clone();
+    assert_eq!(round["status"], "finished", "{round}");
+    assert_eq!(ids(&round["survivors"]), vec![0, 1, 2]);
+    assert_eq!(dropped(&round), vec![(3, "upload".to_string())]);
+    f.check_aggregate(&round, 30_000);
+    let mut outcomes = clients.into_iter();
+    for c in outcomes.by_ref().take(3) {
+        let (code, rep) = c.finish();
+        assert_eq!(code, 0);
+        assert_eq!(rep["rounds"][0]["outcome"], "finished", "{rep}");
+    }
+    let victim = outcomes.next().expect("victim");
+    assert_eq!(exit_code(victim), 86, "victim exits as killed");
+    let log = f
+        .store()
+        .audit_events()
+        .expect("audit log")
+        .into_iter()
+        .map(|(_, event, detail)| format!("{event}: {detail}"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    // Half its bytes were in the sum when the deadline came; the server says it took them out.
+    assert!(
+        log.contains("upload_discarded: client 3: masked input unfinished")
+            || log.contains("upload_cancelled: client 3: connection lost mid-upload"),
+        "{log}"
+    );
 }
 
 #[test]

@@ -84,6 +84,9 @@ pub struct ClientArgs {
     /// Testing: exit abruptly (like a kill, no goodbye) right before sending this stage's message.
     #[arg(long, value_enum, hide = true)]
     pub fail_before: Option<StageArg>,
+    /// Testing: exit abruptly half-way through writing the masked input.
+    #[arg(long, hide = true)]
+    pub fail_mid_upload: bool,
     /// Testing: stop responding (connection kept open) right before sending this stage's message.
     #[arg(long, value_enum, hide = true)]
     pub stall_before: Option<StageArg>,
@@ -216,6 +219,7 @@ pub fn run_client_cmd(args: ClientArgs, json: bool) -> anyhow::Result<()> {
     let opts = ClientOptions {
         fail_before: args.fail_before.map(Stage::from),
         stall_before: args.stall_before.map(Stage::from),
+        fail_mid_upload: args.fail_mid_upload,
         upload_barrier: None,
     };
     let rt = fedlora_service::runtime()?;
@@ -257,6 +261,7 @@ pub fn run_demo_cmd(args: DemoArgs, json: bool) -> anyhow::Result<()> {
         synchronized_upload: args.synchronized_upload,
         baseline_many_bytes_each: None,
         receive_window_bytes: None,
+        upload_slots: fedlora_service::pacing::DEFAULT_UPLOAD_SLOTS,
         privacy: None,
     };
     let rt = fedlora_service::runtime()?;

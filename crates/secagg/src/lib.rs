@@ -31,6 +31,7 @@ pub mod secret;
 pub mod server;
 pub mod shamir;
 pub mod share_box;
+mod upload;
 
 pub use client::{Client, ClientError, ClientEvent, ClientInput};
 pub use fedlora_wire as wire;

@@ -27,6 +27,7 @@ use crate::quant::{ring_mask, QuantError, Quantizer};
 use crate::secret::Seed;
 use crate::shamir::{self, Share};
 use crate::share_box::CIPHERTEXT_BYTES;
+use crate::upload::PartialUpload;
 use crate::{manifest_len, KeyAuthenticator};
 
 /// Everything the server fixes before a round starts.
@@ -172,6 +173,9 @@ pub struct Server {
     commitments: BTreeMap<ClientId, [u8; 32]>,
     accumulator: Vec<u32>,
     uploaded: BTreeSet<ClientId>,
+    /// Masked inputs arriving in pieces (§4.3.2 streaming); their words are in `accumulator`
+    /// already and are taken back out unless the upload completes.
+    partial: BTreeMap<ClientId, PartialUpload>,
     unmask_requested: BTreeSet<ClientId>,
     responded: BTreeSet<ClientId>,
     self_mask_shares: BTreeMap<ClientId, Vec<Share>>,
@@ -226,6 +230,7 @@ impl Server {
             commitments: BTreeMap::new(),
             accumulator: Vec::new(),
             uploaded: BTreeSet::new(),
+            partial: BTreeMap::new(),
             unmask_requested: BTreeSet::new(),
             responded: BTreeSet::new(),
             self_mask_shares: BTreeMap::new(),
@@ -349,6 +354,91 @@ impl Server {
         }
     }
 
+    /// Starts a masked input that will arrive in pieces (protocol-spec §4.3.2, streaming): the
+    /// same admission and shape checks as a whole message, from the header alone
+    /// (`fedlora_wire::masked_input_shape`). The words then go in with
+    /// [`Self::masked_input_piece`] as they arrive and count once [`Self::end_masked_input`]
+    /// accepts the upload; until then they can be taken back ([`Self::cancel_masked_input`]), and
+    /// closing the stage takes back every upload still in progress.
+    pub fn begin_masked_input(
+        &mut self,
+        from: ClientId,
+        ring_bits: u8,
+        count: u32,
+    ) -> Result<(), ServerError> {
+        self.admit(from, Stage::MaskedInput)?;
+        self.check_vector_shape(from, ring_bits, count as usize)?;
+        let width = fedlora_wire::packed_word_bytes(ring_bits).ok_or_else(|| {
+            Self::malformed(from, Stage::MaskedInput, format!("ring width {ring_bits}"))
+        })?;
+        self.partial
+            .insert(from, PartialUpload::new(ring_bits, width, count));
+        Ok(())
+    }
+
+    /// Adds the next piece of `from`'s masked input into the sum. A piece that overruns the
+    /// announced length ends the upload: everything it added is taken back.
+    pub fn masked_input_piece(
+        &mut self,
+        from: ClientId,
+        piece: bytes::Bytes,
+    ) -> Result<(), ServerError> {
+        let Some(upload) = self.partial.get_mut(&from) else {
+            return Err(self.no_upload(from));
+        };
+        if let Err(e) = upload.feed(&mut self.accumulator, piece) {
+            self.cancel_masked_input(from);
+            return Err(Self::malformed(from, Stage::MaskedInput, e.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Ends `from`'s streamed masked input: accepted (it now counts, as a whole message would)
+    /// if every announced byte arrived, else taken back out of the sum.
+    pub fn end_masked_input(&mut self, from: ClientId) -> Result<(), ServerError> {
+        let Some(upload) = self.partial.remove(&from) else {
+            return Err(self.no_upload(from));
+        };
+        if let Err(e) = upload.check_complete() {
+            upload.take_back(&mut self.accumulator);
+            return Err(Self::malformed(from, Stage::MaskedInput, e.to_string()));
+        }
+        self.uploaded.insert(from);
+        self.close_if_complete();
+        Ok(())
+    }
+
+    /// Takes `from`'s unfinished masked input back out of the sum (its connection was lost);
+    /// `false` when none was in progress.
+    pub fn cancel_masked_input(&mut self, from: ClientId) -> bool {
+        match self.partial.remove(&from) {
+            Some(upload) => {
+                upload.take_back(&mut self.accumulator);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Clients whose masked input is arriving in pieces right now.
+    pub fn uploads_in_progress(&self) -> Vec<ClientId> {
+        self.partial.keys().copied().collect()
+    }
+
+    fn no_upload(&self, from: ClientId) -> ServerError {
+        match self.phase {
+            Phase::Collecting(Stage::MaskedInput) => {
+                Self::malformed(from, Stage::MaskedInput, "no upload in progress")
+            }
+            Phase::Collecting(expected) => ServerError::WrongStage {
+                from,
+                expected,
+                got: Stage::MaskedInput,
+            },
+            _ => ServerError::RoundOver,
+        }
+    }
+
     /// Checks that `from` may send a `stage` message now.
     fn admit(&self, from: ClientId, stage: Stage) -> Result<(), ServerError> {
         if from >= self.config.num_clients {
@@ -364,7 +454,9 @@ impl Server {
                 got: stage,
             });
         }
-        if self.has_sent(stage, from) {
+        if self.has_sent(stage, from)
+            || (stage == Stage::MaskedInput && self.partial.contains_key(&from))
+        {
             return Err(ServerError::Duplicate { from, stage });
         }
         if !self.is_expected(stage, from) {
@@ -550,6 +642,10 @@ impl Server {
         let Phase::Collecting(stage) = self.phase else {
             return;
         };
+        // An upload still arriving when its stage closes never counts (§4.3.2 streaming).
+        for (_, upload) in std::mem::take(&mut self.partial) {
+            upload.take_back(&mut self.accumulator);
+        }
         let survivors = match stage {
             Stage::AdvertiseKeys => self.advertised.len(),
             Stage::ShareKeys => self.shared.len(),

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use crate::auth::Ed25519Authenticator;
 use crate::config::{ClientConfig, ConfigError, InputConfig};
-use crate::framing::{Kind, SERVER};
+use crate::framing::{frame_head, Header, Kind, SERVER};
 use crate::identity::PublicIdentity;
 use crate::session::{stage_code, ClientSession, RoundStart, SessionError, PAYLOAD_OFFSET};
 
@@ -49,6 +49,9 @@ pub enum ClientRunError {
 pub struct ClientOptions {
     /// Stop (as if killed) right before sending the message of this stage, in the first round.
     pub fail_before: Option<Stage>,
+    /// Stop (as if killed) half-way through writing the masked input, in the first round: the
+    /// server must take the half it has already added back out of the sum.
+    pub fail_mid_upload: bool,
     /// Stop responding (but keep the connection open) right before sending this stage's message:
     /// the server is then held in that stage until its deadline (tests of a server killed mid-round).
     pub stall_before: Option<Stage>,
@@ -165,6 +168,7 @@ pub async fn run_client(
     let mut report = ClientReport::default();
     let mut current: Option<Current> = None;
     let mut fail_before = opts.fail_before;
+    let mut fail_mid_upload = opts.fail_mid_upload;
     loop {
         let Some((h, body)) = s.recv().await? else {
             break;
@@ -318,8 +322,11 @@ pub async fn run_client(
                         cur.masked_input_bytes += bytes.len() as u64;
                     }
                     let header = s.header(Kind::Protocol, cur.round, stage_code(stage), cur.id);
-                    s.send(&header, &bytes).await?;
+                    if stage == Stage::MaskedInput && fail_mid_upload {
+                        return Err(die_mid_upload(&mut s, &header, &bytes).await);
+                    }
                     cur.sent_bytes += bytes.len() as u64;
+                    s.send_owned(&header, bytes).await?;
                 }
                 let stats = s.conn.stats();
                 (cur.udp_tx_now, cur.lost_now) = (stats.udp_tx.bytes, stats.path.lost_packets);
@@ -354,6 +361,7 @@ pub async fn run_client(
                     report.rounds.push(done);
                     current = None;
                     fail_before = None;
+                    fail_mid_upload = false;
                     if reached(cfg, &report) {
                         break;
                     }
@@ -381,6 +389,7 @@ pub async fn run_client(
                             .rounds
                             .push(round_result(&cur, "finished", None, Some(hex_hash)));
                         fail_before = None;
+                        fail_mid_upload = false;
                     }
                     other => current = other,
                 }
@@ -454,6 +463,22 @@ fn write_state(dir: &Path, round: u64, state: &[u8]) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     crate::store::write_atomic(&dir.join(format!("global-{round:06}.f32")), state)?;
     crate::store::write_atomic(&dir.join("global-latest.f32"), state)
+}
+
+/// Test option `fail_mid_upload`: writes the frame header and half of the masked input, gives
+/// QUIC a moment to put it on the wire, and reports the injected failure.
+async fn die_mid_upload(s: &mut ClientSession, header: &Header, bytes: &[u8]) -> ClientRunError {
+    let mut partial = match frame_head(header, bytes.len()) {
+        Ok(head) => head,
+        Err(e) => return SessionError::from(e).into(),
+    };
+    partial.extend_from_slice(&bytes[..bytes.len() / 2]);
+    if let Err(e) = s.send_raw(&partial).await {
+        return e.into();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    warn!("dying half-way through the upload as asked (test option)");
+    ClientRunError::Injected(Stage::MaskedInput)
 }
 
 #[cfg(test)]

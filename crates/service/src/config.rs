@@ -118,6 +118,9 @@ fn default_clip() -> f32 {
 fn default_min_quant_bits() -> u8 {
     16
 }
+fn default_upload_slots() -> u32 {
+    crate::pacing::DEFAULT_UPLOAD_SLOTS
+}
 fn default_max_frame() -> u32 {
     crate::framing::DEFAULT_MAX_FRAME
 }
@@ -160,6 +163,10 @@ pub struct ServerConfig {
     /// `rounds.max_clients` (see `quic::server_window`).
     #[serde(default)]
     pub receive_window_bytes: Option<u32>,
+    /// How many clients may stream their masked vector at once (`pacing`); the others wait with
+    /// their flow-control credit spent. 0 turns pacing off (every upload at once).
+    #[serde(default = "default_upload_slots")]
+    pub upload_slots: u32,
     /// Differential privacy (protocol-spec §7): the accountant, the budget and, for `central`
     /// mode only, the server's own noise. Absent means mode `none`.
     #[serde(default)]
@@ -376,6 +383,12 @@ impl ServerConfig {
             return Err(ConfigError::Invalid(
                 "receive_window_bytes must be at least 16384".into(),
             ));
+        }
+        if self.upload_slots > crate::pacing::MAX_UPLOAD_SLOTS {
+            return Err(ConfigError::Invalid(format!(
+                "upload_slots must be at most {} (0 turns pacing off)",
+                crate::pacing::MAX_UPLOAD_SLOTS
+            )));
         }
         fedlora_secagg::derive(&self.protocol.request(r.min_clients))
             .map_err(|e| ConfigError::Invalid(format!("protocol: {e}")))?;

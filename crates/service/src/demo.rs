@@ -64,6 +64,8 @@ pub struct DemoOptions {
     pub baseline_many_bytes_each: Option<u64>,
     /// Server receive window per connection (default: derived from the number of clients).
     pub receive_window_bytes: Option<u32>,
+    /// Concurrent uploads the server admits (`pacing`; 0 = all at once).
+    pub upload_slots: u32,
     /// Differential privacy for server and clients alike. With noise, `exact` is expected to be
     /// false: the aggregate then differs from the plain mean by the noise.
     pub privacy: Option<fedlora_dp::PrivacyConfig>,
@@ -81,6 +83,7 @@ impl Default for DemoOptions {
             synchronized_upload: false,
             baseline_many_bytes_each: None,
             receive_window_bytes: None,
+            upload_slots: crate::pacing::DEFAULT_UPLOAD_SLOTS,
             privacy: None,
         }
     }
@@ -185,6 +188,7 @@ pub async fn run_demo(opts: DemoOptions) -> Result<DemoReport, DemoError> {
         protocol: ProtocolConfig::default(),
         max_frame_bytes: crate::framing::DEFAULT_MAX_FRAME,
         receive_window_bytes: opts.receive_window_bytes,
+        upload_slots: opts.upload_slots,
         privacy: opts.privacy.clone(),
         clients: keys
             .iter()
@@ -200,7 +204,8 @@ pub async fn run_demo(opts: DemoOptions) -> Result<DemoReport, DemoError> {
     // The server gets its own runtime (its own threads), as it would in its own process, so the
     // operating system shares the CPU between it and the clients instead of one task queue.
     let server = std::thread::spawn(move || {
-        let rt = crate::runtime().map_err(|e| DemoError::Join(format!("server runtime: {e}")))?;
+        let rt = crate::runtime_named("fedlora-server")
+            .map_err(|e| DemoError::Join(format!("server runtime: {e}")))?;
         rt.block_on(serve(server_cfg, Arc::new(SystemClock), move |l| {
             let _ = tx.send(*l);
         }))
@@ -241,6 +246,7 @@ pub async fn run_demo(opts: DemoOptions) -> Result<DemoReport, DemoError> {
             {
                 let opts = ClientOptions {
                     fail_before: None,
+                    fail_mid_upload: false,
                     stall_before: None,
                     upload_barrier: barrier.clone(),
                 };

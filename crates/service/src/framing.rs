@@ -161,17 +161,22 @@ pub async fn write_frame_parts<W: AsyncWrite + Unpin>(
     header: &Header,
     payload: &[u8],
 ) -> Result<(), FrameError> {
-    let total = HEADER_LEN + payload.len();
-    let len = u32::try_from(total).map_err(|_| FrameError::Oversized {
+    let head = frame_head(header, payload.len())?;
+    w.write_all(&head).await?;
+    w.write_all(payload).await?;
+    Ok(())
+}
+
+/// The bytes that go before a payload of `payload_len` bytes: the length prefix and the header.
+pub fn frame_head(header: &Header, payload_len: usize) -> Result<Vec<u8>, FrameError> {
+    let len = u32::try_from(HEADER_LEN + payload_len).map_err(|_| FrameError::Oversized {
         len: u32::MAX,
         max: u32::MAX,
     })?;
     let mut head = Vec::with_capacity(4 + HEADER_LEN);
     head.extend_from_slice(&len.to_be_bytes());
     header.encode_into(&mut head);
-    w.write_all(&head).await?;
-    w.write_all(payload).await?;
-    Ok(())
+    Ok(head)
 }
 
 /// Reads one frame body of at most `max` bytes. `Ok(None)` on a clean end of stream between frames.
@@ -190,6 +195,21 @@ pub async fn read_frame_timed<R: AsyncRead + Unpin>(
     r: &mut R,
     max: u32,
 ) -> Result<Option<(Vec<u8>, std::time::Instant)>, FrameError> {
+    let Some((len, first)) = read_frame_len(r, max).await? else {
+        return Ok(None);
+    };
+    let mut body = vec![0u8; len as usize];
+    r.read_exact(&mut body).await?;
+    Ok(Some((body, first)))
+}
+
+/// Reads one frame's length prefix and checks it against `max` before anything is allocated;
+/// also returns when it arrived. `Ok(None)` on a clean end of stream between frames. The caller
+/// reads the body (the server reads it chunk by chunk from QUIC, see `server::read_body`).
+pub async fn read_frame_len<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: u32,
+) -> Result<Option<(u32, std::time::Instant)>, FrameError> {
     let mut len = [0u8; 4];
     let mut got = 0;
     while got < 4 {
@@ -207,9 +227,7 @@ pub async fn read_frame_timed<R: AsyncRead + Unpin>(
     if len > max {
         return Err(FrameError::Oversized { len, max });
     }
-    let mut body = vec![0u8; len as usize];
-    r.read_exact(&mut body).await?;
-    Ok(Some((body, first)))
+    Ok(Some((len, first)))
 }
 
 /// Why the server rejected an otherwise well-formed frame. The round goes on.

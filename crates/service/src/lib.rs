@@ -15,6 +15,7 @@ pub mod demo;
 pub mod framing;
 pub mod identity;
 pub mod logging;
+pub mod pacing;
 pub mod quic;
 pub mod server;
 pub mod session;
@@ -30,7 +31,14 @@ pub const ALPN: &[u8] = b"fedlora/1";
 
 /// The multi-threaded tokio runtime the CLI runs the service on.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    runtime_named("tokio-rt-worker")
+}
+
+/// [`runtime`] with its worker threads named `name`, so that a profile (`perf report --sort comm`)
+/// tells the server's threads from the clients' when both run in one process (demo, benchmark).
+pub fn runtime_named(name: &str) -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
+        .thread_name(name)
         .enable_all()
         .build()
 }

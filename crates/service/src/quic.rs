@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 
+use crate::pacing::Windows;
 use crate::tls::{client_rustls_config, ServerCert, ServerTrust, TlsError};
 
 /// Errors setting up or using QUIC endpoints.
@@ -37,23 +38,29 @@ pub enum QuicError {
 /// Transport settings: keep-alives so idle clients between rounds stay connected, and a
 /// per-connection receive window of `window` bytes.
 pub fn transport_config(window: u32) -> Arc<quinn::TransportConfig> {
+    transport_config_windows(Windows::uniform(window))
+}
+
+/// [`transport_config`] with separate stream and connection receive windows: a paced server
+/// (`pacing`) starts every connection at the idle window and opens it for an upload.
+pub fn transport_config_windows(windows: Windows) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(Duration::from_secs(5)));
     if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(60)) {
         t.max_idle_timeout(Some(idle));
     }
-    t.stream_receive_window(quinn::VarInt::from_u32(window));
-    t.receive_window(quinn::VarInt::from_u32(window));
+    t.stream_receive_window(quinn::VarInt::from_u32(windows.stream));
+    t.receive_window(quinn::VarInt::from_u32(windows.idle));
     t.send_window(64 << 20);
     Arc::new(t)
 }
 
 /// Receive window a client connection gets from the server when `clients` may upload at once:
 /// their in-flight bytes together stay within the socket buffer, so simultaneous uploads are paced
-/// by flow control instead of by kernel drops and retransmissions. Between 64 KiB and 16 MiB.
+/// by flow control instead of by kernel drops and retransmissions. Between 16 KiB and 16 MiB.
 pub fn server_window(clients: u32) -> u32 {
     let share = SOCKET_BUFFER_BYTES as u64 / 2 / u64::from(clients.max(1));
-    share.clamp(64 << 10, 16 << 20) as u32
+    share.clamp(16 << 10, 16 << 20) as u32
 }
 
 /// Socket buffer size asked for (the kernel caps it at `net.core.{r,w}mem_max`). The server
@@ -88,17 +95,17 @@ fn endpoint(
         .map_err(|source| QuicError::Bind { addr, source })
 }
 
-/// A server endpoint bound to `addr` presenting `cert`, giving each connection a receive window
-/// of `window` bytes (see [`server_window`]).
+/// A server endpoint bound to `addr` presenting `cert`, giving each connection the receive
+/// `windows` (see [`server_window`] and `pacing::Windows`).
 pub fn server_endpoint(
     addr: SocketAddr,
     cert: &ServerCert,
-    window: u32,
+    windows: Windows,
 ) -> Result<quinn::Endpoint, QuicError> {
     let crypto = QuicServerConfig::try_from(cert.rustls_config()?)
         .map_err(|e| QuicError::Crypto(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(transport_config(window));
+    cfg.transport_config(transport_config_windows(windows));
     endpoint(addr, Some(cfg))
 }
 
@@ -137,15 +144,20 @@ mod tests {
     #[test]
     fn window_shares_the_socket_buffer() {
         assert_eq!(server_window(1), (SOCKET_BUFFER_BYTES / 2) as u32);
-        assert_eq!(server_window(100), 64 << 10);
+        assert_eq!(server_window(100), 41_943);
+        assert_eq!(server_window(1000), 16 << 10);
         assert_eq!(server_window(0), server_window(1));
     }
 
     #[tokio::test]
     async fn pinned_connects_and_wrong_pin_fails() {
         let cert = ServerCert::generate(&["localhost".into()]).expect("cert");
-        let server =
-            server_endpoint(([127, 0, 0, 1], 0).into(), &cert, server_window(1)).expect("server");
+        let server = server_endpoint(
+            ([127, 0, 0, 1], 0).into(),
+            &cert,
+            Windows::uniform(server_window(1)),
+        )
+        .expect("server");
         let addr = server.local_addr().expect("addr");
         let accept = tokio::spawn(async move {
             while let Some(inc) = server.accept().await {
@@ -188,8 +200,12 @@ mod tests {
             vec![leaf.der().clone()],
             PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
         );
-        let server =
-            server_endpoint(([127, 0, 0, 1], 0).into(), &cert, server_window(1)).expect("server");
+        let server = server_endpoint(
+            ([127, 0, 0, 1], 0).into(),
+            &cert,
+            Windows::uniform(server_window(1)),
+        )
+        .expect("server");
         let addr = server.local_addr().expect("addr");
         let accept = tokio::spawn(async move {
             while let Some(inc) = server.accept().await {

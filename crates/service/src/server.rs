@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use fedlora_secagg::wire::{decode_client, encode_server, ServerMessage, Stage, TensorSpec};
 use fedlora_secagg::{AbortReason, RoundConfig, ServerEvent};
 use serde::Serialize;
@@ -19,9 +20,11 @@ use crate::auth::Ed25519Authenticator;
 use crate::clock::Clock;
 use crate::config::{ConfigError, ServerConfig};
 use crate::framing::{
-    read_frame, read_frame_timed, write_frame, FrameError, Header, Kind, ReplayGuard, SERVER,
+    read_frame, read_frame_len, write_frame, FrameError, Header, Kind, ReplayGuard, HEADER_LEN,
+    SERVER,
 };
 use crate::identity::{PublicIdentity, Registry, HELLO_CONTEXT};
+use crate::pacing::{read_holding, UploadPacer, Windows, SLOT_STALL};
 use crate::quic::{server_endpoint, QuicError};
 use crate::session::{
     exporter, server_stage_code, stage_code, RoundStart, CLOSE_OK, CLOSE_REFUSED, CLOSE_VIOLATION,
@@ -72,7 +75,8 @@ pub struct IngestStats {
     pub wire_bytes: u64,
     /// Raw quantized payload of those inputs: words × ring_bits / 8.
     pub quantized_bytes: u64,
-    /// From the first byte of the first masked input to the last byte of the last one.
+    /// From the first byte of the first masked input on the stream to the moment the last one has
+    /// been added into the aggregate (reception, checks and accumulation all inside).
     pub seconds: f64,
     /// `wire_bytes / seconds`.
     pub bytes_per_sec: f64,
@@ -141,7 +145,24 @@ enum Inbound {
         conn_id: u64,
         body: Vec<u8>,
         first_byte: Instant,
-        done: Instant,
+    },
+    /// A masked input begins; its words follow as `UploadPiece`s (protocol-spec §4.3.2 streaming).
+    UploadBegin {
+        conn_id: u64,
+        /// The frame header and the message's masked-input prefix.
+        head: Vec<u8>,
+        ring_bits: u8,
+        count: u32,
+        /// Length of the whole frame body.
+        frame_len: u32,
+        first_byte: Instant,
+    },
+    UploadPiece {
+        conn_id: u64,
+        piece: Bytes,
+    },
+    UploadEnd {
+        conn_id: u64,
     },
     Broken {
         conn_id: u64,
@@ -164,6 +185,7 @@ struct AcceptCtx {
     session: [u8; 16],
     max_frame: u32,
     tx: mpsc::Sender<Inbound>,
+    pacer: Option<UploadPacer>,
 }
 
 /// Runs the server: `cfg.rounds.count` rounds, then tells every client it is done.
@@ -188,10 +210,17 @@ pub async fn serve(
         &cfg.data_dir,
         &cfg.tls.names,
     )?;
-    let window = cfg
+    let idle_window = cfg
         .receive_window_bytes
         .unwrap_or_else(|| crate::quic::server_window(cfg.rounds.max_clients));
-    let endpoint = server_endpoint(cfg.listen, &cert, window)?;
+    let (windows, pacer) = match cfg.upload_slots {
+        0 => (Windows::uniform(idle_window), None),
+        slots => {
+            let windows = Windows::paced(slots, idle_window);
+            (windows, Some(UploadPacer::new(slots, windows)))
+        }
+    };
+    let endpoint = server_endpoint(cfg.listen, &cert, windows)?;
     let addr = endpoint.local_addr().map_err(ServerError::Addr)?;
     let listening = Listening {
         addr,
@@ -220,6 +249,7 @@ pub async fn serve(
         session,
         max_frame: cfg.max_frame_bytes,
         tx,
+        pacer,
     });
     let accept = tokio::spawn(accept_loop(endpoint.clone(), ctx));
 
@@ -321,6 +351,7 @@ async fn handshake(incoming: quinn::Incoming, conn_id: u64, ctx: Arc<AcceptCtx>)
                 ctx.max_frame,
                 ctx.tx.clone(),
                 conn.clone(),
+                ctx.pacer.clone(),
             ));
             let _ = ctx
                 .tx
@@ -393,16 +424,17 @@ async fn reader(
     max_frame: u32,
     tx: mpsc::Sender<Inbound>,
     conn: quinn::Connection,
+    pacer: Option<UploadPacer>,
 ) {
+    let upload = Upload {
+        conn: &conn,
+        pacer: pacer.as_ref(),
+        tx: &tx,
+        conn_id,
+    };
     loop {
-        match read_frame_timed(&mut recv, max_frame).await {
-            Ok(Some((body, first_byte))) => {
-                let ev = Inbound::Frame {
-                    conn_id,
-                    body,
-                    first_byte,
-                    done: Instant::now(),
-                };
+        match read_frame_or_stream(&mut recv, max_frame, &upload).await {
+            Ok(Some(ev)) => {
                 if tx.send(ev).await.is_err() {
                     return;
                 }
@@ -422,6 +454,104 @@ async fn reader(
         }
     }
     let _ = tx.send(Inbound::Left { conn_id }).await;
+}
+
+/// Frames at least this long whose message is a masked input are streamed into the sum piece by
+/// piece (protocol-spec §4.3.2 streaming) instead of being read whole first.
+const STREAM_FRAME_BYTES: u32 = 64 << 10;
+/// Size of the pieces a streamed masked input is handed to the coordinator in.
+const UPLOAD_PIECE_BYTES: usize = 64 << 10;
+
+/// Reads one frame. A masked vector is streamed: its begin and pieces go to the coordinator as they
+/// arrive (the returned event is its end), so its words are added while they are still in cache
+/// and no second copy of the vector is made. Any other frame is read whole into a buffer of exactly
+/// its length, without zero-filling it first.
+/// Where a reader's streamed uploads go, and how they are paced.
+struct Upload<'a> {
+    conn: &'a quinn::Connection,
+    pacer: Option<&'a UploadPacer>,
+    tx: &'a mpsc::Sender<Inbound>,
+    conn_id: u64,
+}
+
+async fn read_frame_or_stream(
+    recv: &mut quinn::RecvStream,
+    max_frame: u32,
+    upload: &Upload<'_>,
+) -> Result<Option<Inbound>, FrameError> {
+    let Upload {
+        conn,
+        pacer,
+        tx,
+        conn_id,
+    } = *upload;
+    use bytes::BufMut;
+    use tokio::io::AsyncReadExt;
+    let Some((len, first_byte)) = read_frame_len(recv, max_frame).await? else {
+        return Ok(None);
+    };
+    let head_len = HEADER_LEN + fedlora_wire::MASKED_INPUT_PREFIX_BYTES;
+    let mut body = Vec::with_capacity(len as usize);
+    if len >= STREAM_FRAME_BYTES {
+        body.resize(head_len, 0);
+        AsyncReadExt::read_exact(recv, &mut body).await?;
+        let shape = fedlora_wire::masked_input_shape(
+            &body[HEADER_LEN..],
+            u64::from(len) - HEADER_LEN as u64,
+        );
+        if let Ok(Some((ring_bits, count))) = shape {
+            let begin = Inbound::UploadBegin {
+                conn_id,
+                head: body,
+                ring_bits,
+                count,
+                frame_len: len,
+                first_byte,
+            };
+            if tx.send(begin).await.is_err() {
+                return Ok(None);
+            }
+            // Held until the whole vector is in (`pacing`); dropped early if the client stalls.
+            let mut slot = match pacer {
+                Some(p) => p.admit(conn).await,
+                None => None,
+            };
+            let mut left = len as usize - head_len;
+            while left > 0 {
+                let mut piece = bytes::BytesMut::with_capacity(left.min(UPLOAD_PIECE_BYTES));
+                while piece.len() < piece.capacity().min(left) {
+                    let room = piece.capacity().min(left) - piece.len();
+                    let mut room = (&mut piece).limit(room);
+                    let read = recv.read_buf(&mut room);
+                    if read_holding(&mut slot, SLOT_STALL, read).await? == 0 {
+                        return Err(FrameError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+                    }
+                }
+                left -= piece.len();
+                let piece = Inbound::UploadPiece {
+                    conn_id,
+                    piece: piece.freeze(),
+                };
+                if tx.send(piece).await.is_err() {
+                    return Ok(None);
+                }
+            }
+            return Ok(Some(Inbound::UploadEnd { conn_id }));
+        }
+        // Not a well-formed masked input: read the rest and let the whole-frame checks say why.
+    }
+    // `limit`: the allocation may be larger than asked, and the next frame must stay unread.
+    while body.len() < len as usize {
+        let room = len as usize - body.len();
+        if recv.read_buf(&mut (&mut body).limit(room)).await? == 0 {
+            return Err(FrameError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+    }
+    Ok(Some(Inbound::Frame {
+        conn_id,
+        body,
+        first_byte,
+    }))
 }
 
 /// Runs `f` without stalling other tasks on a multi-threaded runtime (secagg's unmasking is CPU work).
@@ -458,6 +588,42 @@ struct RoundRun {
     ingest_bytes: u64,
     ingest_words: u64,
     ring_bits: u8,
+    /// Masked inputs being streamed, by connection.
+    streams: HashMap<u64, Streaming>,
+}
+
+/// A masked input being streamed in (protocol-spec §4.3.2 streaming).
+/// What the reader says when a streamed masked input begins.
+struct UploadBegin<'a> {
+    conn_id: u64,
+    head: &'a [u8],
+    ring_bits: u8,
+    count: u32,
+    frame_len: u32,
+    first_byte: Instant,
+}
+
+struct Streaming {
+    cid: u32,
+    header: Header,
+    first_byte: Instant,
+    frame_len: u32,
+    words: u32,
+    /// The protocol refused it: its remaining pieces are dropped unread by the state machine.
+    refused: bool,
+}
+
+impl RoundRun {
+    /// Counts one accepted masked input in the round's ingest figure, which ends once its words
+    /// are in the sum.
+    fn record_ingest(&mut self, first_byte: Instant, wire_bytes: u64, words: u64) {
+        let done = Instant::now();
+        self.ingest_first = Some(self.ingest_first.map_or(first_byte, |f| f.min(first_byte)));
+        self.ingest_last = Some(self.ingest_last.map_or(done, |l| l.max(done)));
+        self.ingest_frames += 1;
+        self.ingest_bytes += wire_bytes;
+        self.ingest_words += words;
+    }
 }
 
 impl Coordinator {
@@ -465,7 +631,7 @@ impl Coordinator {
     fn on_event(
         &mut self,
         ev: Inbound,
-        round: Option<&mut RoundRun>,
+        mut round: Option<&mut RoundRun>,
         proto: Option<&mut fedlora_secagg::Server>,
     ) {
         match ev {
@@ -496,6 +662,17 @@ impl Coordinator {
                 self.audit(None, "connection_refused", &format!("{remote}: {reason}"));
             }
             Inbound::Left { conn_id } => {
+                if let (Some(run), Some(proto)) = (round.as_deref_mut(), proto) {
+                    if let Some(st) = run.streams.remove(&conn_id) {
+                        if !st.refused && proto.cancel_masked_input(st.cid) {
+                            self.audit(
+                                Some(run.round),
+                                "upload_cancelled",
+                                &format!("client {}: connection lost mid-upload", st.cid),
+                            );
+                        }
+                    }
+                }
                 if let Some(c) = self.conns.remove(&conn_id) {
                     info!(client = %c.name, "client disconnected");
                     self.audit(
@@ -518,25 +695,175 @@ impl Coordinator {
                     &format!("{name}: {error}"),
                 );
             }
+            Inbound::UploadBegin {
+                conn_id,
+                head,
+                ring_bits,
+                count,
+                frame_len,
+                first_byte,
+            } => match (round, proto) {
+                (Some(run), Some(proto)) => {
+                    let begin = UploadBegin {
+                        conn_id,
+                        head: &head,
+                        ring_bits,
+                        count,
+                        frame_len,
+                        first_byte,
+                    };
+                    self.on_upload_begin(run, proto, begin)
+                }
+                _ => self.reject_outside_round(conn_id),
+            },
+            Inbound::UploadPiece { conn_id, piece } => {
+                if let (Some(run), Some(proto)) = (round, proto) {
+                    self.on_upload_piece(run, proto, conn_id, piece);
+                }
+            }
+            Inbound::UploadEnd { conn_id } => {
+                if let (Some(run), Some(proto)) = (round, proto) {
+                    self.on_upload_end(run, proto, conn_id);
+                }
+            }
             Inbound::Frame {
                 conn_id,
                 body,
                 first_byte,
-                done,
             } => match (round, proto) {
                 (Some(run), Some(proto)) => {
-                    self.on_round_frame(run, proto, conn_id, &body, first_byte, done)
+                    self.on_round_frame(run, proto, conn_id, &body, first_byte)
                 }
-                _ => {
-                    let name = self
-                        .conns
-                        .get(&conn_id)
-                        .map(|c| c.name.clone())
-                        .unwrap_or_default();
-                    warn!(client = %name, "frame outside a round rejected");
-                    self.audit(None, "rejected", &format!("{name}: frame outside a round"));
+                _ => self.reject_outside_round(conn_id),
+            },
+        }
+    }
+
+    fn conn_name(&self, conn_id: u64) -> String {
+        self.conns
+            .get(&conn_id)
+            .map(|c| c.name.clone())
+            .unwrap_or_default()
+    }
+
+    fn reject_outside_round(&self, conn_id: u64) {
+        let name = self.conn_name(conn_id);
+        warn!(client = %name, "frame outside a round rejected");
+        self.audit(None, "rejected", &format!("{name}: frame outside a round"));
+    }
+
+    fn reject_in_round(&self, run: &mut RoundRun, conn_id: u64, why: String) {
+        let name = self.conn_name(conn_id);
+        run.rejected += 1;
+        warn!(round = run.round, client = %name, reason = %why, "message rejected");
+        self.audit(Some(run.round), "rejected", &format!("{name}: {why}"));
+    }
+
+    /// The start of a streamed masked input: the same membership, framing and replay checks as a
+    /// whole frame, then the state machine's own admission from the header alone.
+    fn on_upload_begin(
+        &mut self,
+        run: &mut RoundRun,
+        proto: &mut fedlora_secagg::Server,
+        begin: UploadBegin<'_>,
+    ) {
+        let conn_id = begin.conn_id;
+        let checked = (|| {
+            let &cid = run
+                .by_conn
+                .get(&conn_id)
+                .ok_or_else(|| "not a participant of this round".to_string())?;
+            let (h, _) = Header::decode(begin.head)
+                .map_err(|e| format!("client {cid}: malformed frame: {e}"))?;
+            let open = proto.stage().map(stage_code).unwrap_or(NO_STAGE);
+            run.guard
+                .check(&h, cid, open)
+                .map_err(|e| format!("client {cid}: {e}"))?;
+            if h.stage != stage_code(Stage::MaskedInput) {
+                return Err(format!(
+                    "client {cid}: frame stage {} carries a {} message",
+                    h.stage,
+                    Stage::MaskedInput
+                ));
+            }
+            Ok((cid, h))
+        })();
+        let (cid, header, refused) = match checked {
+            Ok((cid, h)) => match proto.begin_masked_input(cid, begin.ring_bits, begin.count) {
+                Ok(()) => (cid, h, false),
+                Err(e) => {
+                    self.reject_in_round(run, conn_id, e.to_string());
+                    (cid, h, true)
                 }
             },
+            Err(why) => {
+                self.reject_in_round(run, conn_id, why);
+                // Its pieces are still to come; they are dropped without a further report.
+                let placeholder = Header {
+                    kind: Kind::Protocol,
+                    session: self.session,
+                    round: run.round,
+                    stage: NO_STAGE,
+                    sender: SERVER,
+                };
+                (u32::MAX, placeholder, true)
+            }
+        };
+        run.streams.insert(
+            conn_id,
+            Streaming {
+                cid,
+                header,
+                first_byte: begin.first_byte,
+                frame_len: begin.frame_len,
+                words: begin.count,
+                refused,
+            },
+        );
+    }
+
+    fn on_upload_piece(
+        &mut self,
+        run: &mut RoundRun,
+        proto: &mut fedlora_secagg::Server,
+        conn_id: u64,
+        piece: Bytes,
+    ) {
+        let Some(st) = run.streams.get_mut(&conn_id) else {
+            return;
+        };
+        if st.refused {
+            return;
+        }
+        if let Err(e) = proto.masked_input_piece(st.cid, piece) {
+            // The stage closed under it, or it overran: the state machine has taken it back out.
+            st.refused = true;
+            self.reject_in_round(run, conn_id, e.to_string());
+        }
+    }
+
+    fn on_upload_end(
+        &mut self,
+        run: &mut RoundRun,
+        proto: &mut fedlora_secagg::Server,
+        conn_id: u64,
+    ) {
+        let Some(st) = run.streams.remove(&conn_id) else {
+            return;
+        };
+        if st.refused {
+            return;
+        }
+        match proto.end_masked_input(st.cid) {
+            Ok(()) => {
+                run.guard.accept(&st.header);
+                run.record_ingest(
+                    st.first_byte,
+                    4 + u64::from(st.frame_len),
+                    u64::from(st.words),
+                );
+            }
+            Err(e) => self.reject_in_round(run, conn_id, e.to_string()),
         }
     }
 
@@ -547,7 +874,6 @@ impl Coordinator {
         conn_id: u64,
         body: &[u8],
         first_byte: Instant,
-        done: Instant,
     ) {
         let name = self
             .conns
@@ -601,12 +927,7 @@ impl Coordinator {
             Ok(()) => {
                 run.guard.accept(&h);
                 if let Some(words) = words {
-                    run.ingest_first =
-                        Some(run.ingest_first.map_or(first_byte, |f| f.min(first_byte)));
-                    run.ingest_last = Some(run.ingest_last.map_or(done, |l| l.max(done)));
-                    run.ingest_frames += 1;
-                    run.ingest_bytes += 4 + body.len() as u64;
-                    run.ingest_words += words;
+                    run.record_ingest(first_byte, 4 + body.len() as u64, words);
                 }
             }
             Err(e) => reject(self, run, e.to_string()),
@@ -803,6 +1124,7 @@ impl Coordinator {
             ingest_frames: 0,
             ingest_bytes: 0,
             ingest_words: 0,
+            streams: HashMap::new(),
             ring_bits: params.ring_bits,
         };
         self.flush(&run, &mut proto);
@@ -987,6 +1309,19 @@ impl Coordinator {
             }
             let name = run.names.get(id as usize).cloned().unwrap_or_default();
             info!(round = run.round, client = id, name = %name, stage = %open, "client dropped");
+        }
+        for id in proto.uploads_in_progress() {
+            // Closing the stage takes these back out of the sum (protocol-spec §4.3.2 streaming).
+            warn!(
+                round = run.round,
+                client = id,
+                "unfinished upload discarded at the deadline"
+            );
+            self.audit(
+                Some(run.round),
+                "upload_discarded",
+                &format!("client {id}: masked input unfinished when the stage closed"),
+            );
         }
         blocking(|| proto.close_stage());
         self.flush(run, proto);

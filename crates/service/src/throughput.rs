@@ -4,6 +4,7 @@
 
 use std::time::Instant;
 
+use crate::pacing::Windows;
 use crate::quic::{client_endpoint, connect, server_endpoint, QuicError};
 use crate::tls::{ServerCert, ServerTrust};
 
@@ -46,7 +47,7 @@ pub async fn raw_quinn_loopback(bytes: u64) -> Result<RawThroughput, ThroughputE
     let server = server_endpoint(
         ([127, 0, 0, 1], 0).into(),
         &cert,
-        crate::quic::server_window(1),
+        Windows::uniform(crate::quic::server_window(1)),
     )?;
     let addr = server
         .local_addr()
@@ -112,10 +113,11 @@ pub async fn raw_quinn_loopback_many(
     bytes_each: u64,
 ) -> Result<RawThroughput, ThroughputError> {
     let cert = ServerCert::generate(&["localhost".into()])?;
-    let window = crate::quic::server_window(conns);
+    let window = Windows::uniform(crate::quic::server_window(conns));
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
     let server = std::thread::spawn(move || -> Result<(u64, f64), ThroughputError> {
-        let rt = crate::runtime().map_err(|e| ThroughputError::Io(e.to_string()))?;
+        let rt = crate::runtime_named("raw-quinn-server")
+            .map_err(|e| ThroughputError::Io(e.to_string()))?;
         rt.block_on(async move {
             let server = server_endpoint(([127, 0, 0, 1], 0).into(), &cert, window)?;
             let addr = server

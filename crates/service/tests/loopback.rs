@@ -5,9 +5,11 @@ use fedlora_service::demo::{run_demo, DemoOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_clients_two_rounds_aggregate_exactly() {
+    // 100,000 parameters: each masked input is a 300 KB frame, streamed into the sum in two
+    // pieces (protocol-spec §4.3.2 streaming).
     let report = run_demo(DemoOptions {
         clients: 4,
-        parameters: 2_000,
+        parameters: 100_000,
         rounds: 2,
         dir: None,
         stage_timeout_ms: 20_000,
@@ -15,6 +17,7 @@ async fn four_clients_two_rounds_aggregate_exactly() {
         synchronized_upload: false,
         baseline_many_bytes_each: None,
         receive_window_bytes: None,
+        upload_slots: 2,
         privacy: None,
     })
     .await
@@ -59,6 +62,7 @@ async fn distributed_dp_round_records_realised_epsilon() {
         synchronized_upload: false,
         baseline_many_bytes_each: None,
         receive_window_bytes: None,
+        upload_slots: 2,
         privacy: Some(privacy),
     })
     .await

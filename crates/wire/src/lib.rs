@@ -10,8 +10,9 @@ pub mod messages;
 
 pub use codec::{
     add_packed_words, decode_client, decode_server, encode_client, encode_server,
-    packed_word_bytes, view_masked_input, DecodeError, EncodeError, PackedWords,
-    MASKED_INPUT_HEADER_BYTES, MAX_STRUCTURED_MESSAGE_BYTES, MAX_VECTOR_WORDS,
+    masked_input_shape, packed_word_bytes, view_masked_input, DecodeError, EncodeError,
+    PackedWords, MASKED_INPUT_HEADER_BYTES, MASKED_INPUT_PREFIX_BYTES,
+    MAX_STRUCTURED_MESSAGE_BYTES, MAX_VECTOR_WORDS,
 };
 pub use messages::*;
 
