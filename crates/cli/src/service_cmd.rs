@@ -167,13 +167,16 @@ pub fn run_server(args: ServerArgs, json: bool) -> anyhow::Result<()> {
         cfg.rounds.count = r;
     }
     let rt = fedlora_service::runtime()?;
-    let report = rt.block_on(serve(cfg, Arc::new(SystemClock), |l| {
+    // Spawned rather than run on this thread, so the coordinator shares the runtime's worker
+    // threads (and their caches) with the connection readers that feed it.
+    let serving = rt.spawn(serve(cfg, Arc::new(SystemClock), |l| {
         eprintln!(
             "fedlora server listening on {} fingerprint {}",
             l.addr,
             hex_fp(&l.fingerprint)
         );
-    }))?;
+    }));
+    let report = rt.block_on(serving)??;
     emit(
         json,
         || {

@@ -6,7 +6,9 @@
 //!
 //! `cargo run --release -p fedlora-service --example raw_quinn_shape -- --json`
 
-use fedlora_service::throughput::{raw_quinn_loopback, raw_quinn_loopback_many};
+use fedlora_service::throughput::{
+    raw_quinn_loopback, raw_quinn_loopback_from, raw_quinn_loopback_many, Source,
+};
 
 const TOTAL_BYTES: u64 = 300_000_000;
 
@@ -48,6 +50,17 @@ fn main() {
         "one stream, 512 MiB: {:.1} MB/s",
         single.bytes_per_sec / 1e6
     );
+    let distinct = match rt.block_on(raw_quinn_loopback_from(512 << 20, Source::Distinct)) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("one stream of distinct bytes: {e}");
+            std::process::exit(1);
+        }
+    };
+    eprintln!(
+        "one stream, 512 MiB of distinct bytes: {:.1} MB/s",
+        distinct.bytes_per_sec / 1e6
+    );
     if json {
         println!(
             "{}",
@@ -55,6 +68,7 @@ fn main() {
                 "total_bytes": TOTAL_BYTES,
                 "shapes": shapes,
                 "single_stream_bytes_per_sec": single.bytes_per_sec,
+                "single_stream_distinct_bytes_per_sec": distinct.bytes_per_sec,
             })
         );
     }

@@ -682,5 +682,10 @@ mod tests {
         assert!(ServerConfig::from_toml("[rounds]\nmin_clients = 1").is_err());
         assert!(ServerConfig::from_toml("[rounds]\nmin_clients = 5\nmax_clients = 4").is_err());
         assert!(ServerConfig::from_toml("max_frame_bytes = 10").is_err());
+        assert!(ServerConfig::from_toml("upload_slots = 4097").is_err());
+        let paced = ServerConfig::from_toml("").expect("defaults");
+        assert_eq!(paced.upload_slots, crate::pacing::DEFAULT_UPLOAD_SLOTS);
+        let unpaced = ServerConfig::from_toml("upload_slots = 0").expect("pacing off");
+        assert_eq!(unpaced.upload_slots, 0);
     }
 }

@@ -202,14 +202,17 @@ pub async fn run_demo(opts: DemoOptions) -> Result<DemoReport, DemoError> {
     let start = Instant::now();
     let (tx, rx) = tokio::sync::oneshot::channel();
     // The server gets its own runtime (its own threads), as it would in its own process, so the
-    // operating system shares the CPU between it and the clients instead of one task queue.
+    // operating system shares the CPU between it and the clients instead of one task queue. It is
+    // spawned, as `fedlora server` does, so that its coordinator runs on the worker threads.
     let server = std::thread::spawn(move || {
         let rt = crate::runtime_named("fedlora-server")
             .map_err(|e| DemoError::Join(format!("server runtime: {e}")))?;
-        rt.block_on(serve(server_cfg, Arc::new(SystemClock), move |l| {
+        let serving = rt.spawn(serve(server_cfg, Arc::new(SystemClock), move |l| {
             let _ = tx.send(*l);
-        }))
-        .map_err(DemoError::from)
+        }));
+        rt.block_on(serving)
+            .map_err(|e| DemoError::Join(format!("server task: {e}")))?
+            .map_err(DemoError::from)
     });
     let listening = rx
         .await

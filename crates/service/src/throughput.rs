@@ -41,8 +41,28 @@ pub enum ThroughputError {
     },
 }
 
-/// Measures raw quinn loopback throughput for `bytes` bytes on 127.0.0.1.
+/// What the sender of a raw measurement sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// One 64 KiB buffer written again and again: always in cache, so the sender costs least
+    /// (quinn's best case on one machine).
+    RepeatedChunk,
+    /// `bytes` distinct bytes from memory, handed to quinn as one buffer without a copy, as the
+    /// service's clients send their masked vectors (`ClientSession::send_owned`).
+    Distinct,
+}
+
+/// Measures raw quinn loopback throughput for `bytes` bytes on 127.0.0.1 (one stream of
+/// [`Source::RepeatedChunk`]).
 pub async fn raw_quinn_loopback(bytes: u64) -> Result<RawThroughput, ThroughputError> {
+    raw_quinn_loopback_from(bytes, Source::RepeatedChunk).await
+}
+
+/// [`raw_quinn_loopback`] with the sender's data as `source` says.
+pub async fn raw_quinn_loopback_from(
+    bytes: u64,
+    source: Source,
+) -> Result<RawThroughput, ThroughputError> {
     let cert = ServerCert::generate(&["localhost".into()])?;
     let server = server_endpoint(
         ([127, 0, 0, 1], 0).into(),
@@ -75,15 +95,25 @@ pub async fn raw_quinn_loopback(bytes: u64) -> Result<RawThroughput, ThroughputE
     let client = client_endpoint(addr, &ServerTrust::Pin(cert.fingerprint()))?;
     let conn = connect(&client, addr, "localhost").await?;
     let mut send = conn.open_uni().await.map_err(QuicError::from)?;
+    let distinct = match source {
+        Source::Distinct => Some(distinct_bytes(bytes)),
+        Source::RepeatedChunk => None,
+    };
     let chunk = vec![0x5au8; 1 << 16];
     let start = Instant::now();
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(chunk.len() as u64) as usize;
-        send.write_all(&chunk[..n])
+    if let Some(data) = distinct {
+        send.write_chunk(bytes::Bytes::from(data))
             .await
             .map_err(|e| ThroughputError::Io(e.to_string()))?;
-        left -= n as u64;
+    } else {
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            send.write_all(&chunk[..n])
+                .await
+                .map_err(|e| ThroughputError::Io(e.to_string()))?;
+            left -= n as u64;
+        }
     }
     send.finish()
         .map_err(|e| ThroughputError::Io(e.to_string()))?;
@@ -102,6 +132,20 @@ pub async fn raw_quinn_loopback(bytes: u64) -> Result<RawThroughput, ThroughputE
         seconds,
         bytes_per_sec: bytes as f64 / seconds.max(1e-9),
     })
+}
+
+/// `len` bytes that differ (a xorshift stream), filled before the clock starts.
+fn distinct_bytes(len: u64) -> Vec<u8> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut out = Vec::with_capacity(len as usize);
+    while (out.len() as u64) < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let take = (len - out.len() as u64).min(8) as usize;
+        out.extend_from_slice(&state.to_le_bytes()[..take]);
+    }
+    out
 }
 
 /// Raw quinn loopback throughput with `conns` client endpoints sending `bytes_each` bytes each,
