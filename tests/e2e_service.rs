@@ -33,7 +33,10 @@ impl Proc {
     fn spawn(args: &[&str]) -> Proc {
         let mut child = Command::new(BIN)
             .args(args)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("E2E_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -182,7 +185,7 @@ impl Fixture {
 
     fn client_config(&self, i: usize, addr: &str, fingerprint: &str) -> PathBuf {
         let s = format!(
-            "server = \"{addr}\"\n[trust]\nserver_fingerprint = \"{fingerprint}\"\n[identity]\nkey_file = \"{}.key\"\n\
+            "server = \"{addr}\"\nreconnect_delay_ms = 200\n[trust]\nserver_fingerprint = \"{fingerprint}\"\n[identity]\nkey_file = \"{}.key\"\n\
              [input]\nkind = \"synthetic\"\nseed = {i}\n",
             self.names[i]
         );
@@ -533,6 +536,50 @@ fn server_killed_mid_round_restarts_and_runs_next_round() {
         store.round(1).expect("store").expect("round 1").status,
         RoundStatus::Finished
     );
+}
+
+/// Clients whose server dies mid-round notice it (the server goes silent: their 15 s idle timeout)
+/// and reconnect by themselves to the restarted server at the same address, record the
+/// interrupted round as failed and take part in the next one.
+#[test]
+fn clients_reconnect_to_a_restarted_server() {
+    let f = Fixture::new("reconnect", 3);
+    let cfg = f.server_config(1, 3, 60_000, 500, &[]);
+    let (mut server, addr, fp) = f.start_server(&cfg, &[]);
+    let mut staller = f.start_client(2, &addr, &fp, &["--stall-before", "upload"]);
+    let clients: Vec<Proc> = (0..2).map(|i| f.start_client(i, &addr, &fp, &[])).collect();
+    server.wait_for(&["stage open", "stage=upload"]);
+    server.kill();
+    staller.kill();
+    // The next server needs only the two clients that are still running.
+    let cfg2 = f.server_config(1, 2, 60_000, 500, &[]);
+    let (server2, addr2, fp2) = f.start_server(&cfg2, &["--listen", &addr]);
+    assert_eq!((addr2.as_str(), fp2.as_str()), (addr.as_str(), fp.as_str()));
+    let (code, report) = server2.finish();
+    assert_eq!(code, 0);
+    assert_eq!(ids(&report["interrupted_rounds"]), vec![0]);
+    let round = &report["rounds"][0];
+    assert_eq!(round["round"], 1);
+    assert_eq!(round["status"], "finished", "{round}");
+    assert_eq!(ids(&round["survivors"]), vec![0, 1]);
+    f.check_aggregate(round, 500);
+    for c in clients {
+        let (code, rep) = c.finish();
+        assert_eq!(code, 0, "{rep}");
+        assert_eq!(rep["connections"], 2, "{rep}");
+        let rounds = rep["rounds"].as_array().expect("rounds");
+        assert_eq!(rounds.len(), 2, "{rep}");
+        assert_eq!(rounds[0]["round"], 0);
+        assert_eq!(rounds[0]["outcome"], "failed");
+        assert!(
+            rounds[0]["reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("connection lost")),
+            "{rep}"
+        );
+        assert_eq!(rounds[1]["round"], 1);
+        assert_eq!(rounds[1]["outcome"], "finished");
+    }
 }
 
 #[test]

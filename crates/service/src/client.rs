@@ -18,7 +18,7 @@ use tracing::{info, warn};
 use crate::auth::Ed25519Authenticator;
 use crate::config::{ClientConfig, ConfigError, InputConfig};
 use crate::framing::{frame_head, Header, Kind, SERVER};
-use crate::identity::PublicIdentity;
+use crate::identity::{IdentityKey, PublicIdentity};
 use crate::session::{stage_code, ClientSession, RoundStart, SessionError, PAYLOAD_OFFSET};
 
 /// Errors that end a client run.
@@ -92,6 +92,8 @@ pub struct ClientReport {
     pub rounds: Vec<ClientRound>,
     /// Whether the server said it was done.
     pub server_done: bool,
+    /// Connections the server admitted (more than one after a reconnection).
+    pub connections: u32,
 }
 
 struct Current {
@@ -146,65 +148,170 @@ fn load_input(cfg: &InputConfig, round: u64, len: usize) -> Result<ClientInput, 
     }
 }
 
-/// Runs the client until the server says done, the connection ends, or `max_rounds` rounds ended.
+/// Runs the client until the server says done or `max_rounds` rounds ended. A connection lost
+/// after the client was admitted is re-established (`reconnect_attempts`, with a delay that starts
+/// at `reconnect_delay_ms` and doubles up to 30 s); the round it was in is recorded as `failed`.
 pub async fn run_client(
     cfg: &ClientConfig,
     opts: &ClientOptions,
 ) -> Result<ClientReport, ClientRunError> {
-    let identity = Arc::new(cfg.identity.load()?);
-    let privacy = cfg.privacy.as_ref().map(|p| p.resolve()).transpose()?;
-    let known_peers = cfg.known_peers()?;
+    let mut run = Run {
+        cfg,
+        opts,
+        identity: Arc::new(cfg.identity.load()?),
+        privacy: cfg.privacy.as_ref().map(|p| p.resolve()).transpose()?,
+        known_peers: cfg.known_peers()?,
+        report: ClientReport::default(),
+        current: None,
+        fail_before: opts.fail_before,
+        fail_mid_upload: opts.fail_mid_upload,
+    };
     let trust = cfg.trust.to_trust()?;
-    let mut s = ClientSession::connect(
-        cfg.server,
-        &cfg.server_name,
-        &trust,
-        &identity,
-        cfg.max_frame_bytes,
-        Duration::from_millis(cfg.connect_timeout_ms),
-    )
-    .await?;
-    info!(server = %cfg.server, identity = %identity.public().to_hex(), "connected and authenticated");
-    let mut report = ClientReport::default();
-    let mut current: Option<Current> = None;
-    let mut fail_before = opts.fail_before;
-    let mut fail_mid_upload = opts.fail_mid_upload;
+    let mut failures = 0u32;
     loop {
-        let Some((h, body)) = s.recv().await? else {
-            break;
+        let connected = ClientSession::connect(
+            cfg.server,
+            &cfg.server_name,
+            &trust,
+            &run.identity,
+            cfg.max_frame_bytes,
+            Duration::from_millis(cfg.connect_timeout_ms),
+        )
+        .await;
+        let lost = match connected {
+            Ok(mut s) => {
+                failures = 0;
+                info!(server = %cfg.server, identity = %run.identity.public().to_hex(), "connected and authenticated");
+                match run.session(&mut s).await {
+                    Ok(()) => {
+                        s.close().await;
+                        return Ok(run.report);
+                    }
+                    Err(ClientRunError::Session(e)) if e.is_connection_loss() => e,
+                    Err(e) => return Err(e),
+                }
+            }
+            // Only a client that was admitted before keeps trying; a first connection that
+            // fails is reported (a supervisor such as systemd restarts the process).
+            Err(e) if run.admitted() && e.is_connection_loss() => e,
+            Err(e) => return Err(e.into()),
         };
-        let payload = &body[PAYLOAD_OFFSET..];
-        if h.sender != SERVER && h.kind != Kind::RoundStart {
-            return Err(SessionError::Violation(format!("frame from sender {}", h.sender)).into());
+        if let Some(cur) = run.current.take() {
+            if cur.result.is_none() {
+                run.report.rounds.push(round_result(
+                    &cur,
+                    "failed",
+                    Some(format!("connection lost: {lost}")),
+                    None,
+                ));
+            }
         }
-        if h.session != s.session {
-            return Err(SessionError::Violation("frame for another session".into()).into());
+        if failures >= cfg.reconnect_attempts {
+            return Err(lost.into());
         }
-        match h.kind {
-            Kind::RoundStart => {
-                let start: RoundStart = serde_json::from_slice(payload)
-                    .map_err(|e| SessionError::Violation(format!("round start: {e}")))?;
-                let mut peers = HashMap::new();
-                for (id, hex_key) in &start.peers {
-                    let pk = PublicIdentity::from_hex(hex_key)
-                        .map_err(|e| SessionError::Violation(format!("roster key of {id}: {e}")))?;
-                    peers.insert(*id, pk);
-                }
-                if peers.get(&h.sender) != Some(&identity.public()) {
-                    return Err(SessionError::Violation(
-                        "roster does not list this client under its id".into(),
-                    )
-                    .into());
-                }
-                if let Err(unknown) = check_roster(&peers, &known_peers) {
-                    warn!(
-                        round = h.round,
-                        peer = unknown,
-                        "roster names an identity outside known_peers; sitting this round out"
-                    );
-                    if let Some(old) = current.take() {
+        let delay = reconnect_delay(cfg.reconnect_delay_ms, failures);
+        failures += 1;
+        warn!(error = %lost, attempt = failures, of = cfg.reconnect_attempts, delay_ms = delay.as_millis() as u64, "connection lost; reconnecting");
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// The delay before reconnection attempt `failures + 1`: `base_ms` doubled per failure, at most
+/// 30 s.
+fn reconnect_delay(base_ms: u64, failures: u32) -> Duration {
+    let ms = base_ms.saturating_mul(1u64 << failures.min(20));
+    Duration::from_millis(ms.min(30_000))
+}
+
+/// One client run across (re)connections.
+struct Run<'a> {
+    cfg: &'a ClientConfig,
+    opts: &'a ClientOptions,
+    identity: Arc<IdentityKey>,
+    privacy: Option<fedlora_dp::ResolvedPrivacy>,
+    known_peers: Vec<PublicIdentity>,
+    report: ClientReport,
+    current: Option<Current>,
+    fail_before: Option<Stage>,
+    fail_mid_upload: bool,
+}
+
+impl Run<'_> {
+    /// Whether the server ever admitted this client (it was connected and authenticated).
+    fn admitted(&self) -> bool {
+        self.report.connections > 0
+    }
+
+    /// Serves one connection until the server says done (`Ok`) or something fails.
+    async fn session(&mut self, s: &mut ClientSession) -> Result<(), ClientRunError> {
+        self.report.connections += 1;
+        loop {
+            let Some((h, body)) = s.recv().await? else {
+                break;
+            };
+            let payload = &body[PAYLOAD_OFFSET..];
+            if h.sender != SERVER && h.kind != Kind::RoundStart {
+                return Err(
+                    SessionError::Violation(format!("frame from sender {}", h.sender)).into(),
+                );
+            }
+            if h.session != s.session {
+                return Err(SessionError::Violation("frame for another session".into()).into());
+            }
+            match h.kind {
+                Kind::RoundStart => {
+                    let start: RoundStart = serde_json::from_slice(payload)
+                        .map_err(|e| SessionError::Violation(format!("round start: {e}")))?;
+                    let mut peers = HashMap::new();
+                    for (id, hex_key) in &start.peers {
+                        let pk = PublicIdentity::from_hex(hex_key).map_err(|e| {
+                            SessionError::Violation(format!("roster key of {id}: {e}"))
+                        })?;
+                        peers.insert(*id, pk);
+                    }
+                    if peers.get(&h.sender) != Some(&self.identity.public()) {
+                        return Err(SessionError::Violation(
+                            "roster does not list this client under its id".into(),
+                        )
+                        .into());
+                    }
+                    if let Err(unknown) = check_roster(&peers, &self.known_peers) {
+                        warn!(
+                            round = h.round,
+                            peer = unknown,
+                            "roster names an self.identity outside self.known_peers; sitting this round out"
+                        );
+                        if let Some(old) = self.current.take() {
+                            if old.result.is_none() {
+                                self.report.rounds.push(round_result(
+                                    &old,
+                                    "failed",
+                                    Some("superseded by a new round".into()),
+                                    None,
+                                ));
+                            }
+                        }
+                        self.report.rounds.push(ClientRound {
+                            round: h.round,
+                            client_id: h.sender,
+                            outcome: "refused".into(),
+                            reason: Some(format!(
+                                "roster names client {unknown} with an self.identity not in self.known_peers"
+                            )),
+                            aggregate_sha256: None,
+                            sent_bytes: 0,
+                            masked_input_bytes: 0,
+                            udp_tx_bytes: 0,
+                            lost_packets: 0,
+                        });
+                        if reached(self.cfg, &self.report) {
+                            break;
+                        }
+                        continue;
+                    }
+                    if let Some(old) = self.current.take() {
                         if old.result.is_none() {
-                            report.rounds.push(round_result(
+                            self.report.rounds.push(round_result(
                                 &old,
                                 "failed",
                                 Some("superseded by a new round".into()),
@@ -212,202 +319,188 @@ pub async fn run_client(
                             ));
                         }
                     }
-                    report.rounds.push(ClientRound {
+                    info!(
+                        round = h.round,
+                        client_id = h.sender,
+                        clients = peers.len(),
+                        "invited to round"
+                    );
+                    let stats = s.conn.stats();
+                    let (udp_tx_start, lost_start) = (stats.udp_tx.bytes, stats.path.lost_packets);
+                    self.current = Some(Current {
                         round: h.round,
-                        client_id: h.sender,
-                        outcome: "refused".into(),
-                        reason: Some(format!(
-                            "roster names client {unknown} with an identity not in known_peers"
-                        )),
-                        aggregate_sha256: None,
+                        id: h.sender,
+                        peers,
+                        client: None,
                         sent_bytes: 0,
                         masked_input_bytes: 0,
-                        udp_tx_bytes: 0,
-                        lost_packets: 0,
+                        udp_tx_start,
+                        udp_tx_now: udp_tx_start,
+                        lost_start,
+                        lost_now: lost_start,
+                        result: None,
                     });
-                    if reached(cfg, &report) {
-                        break;
-                    }
-                    continue;
                 }
-                if let Some(old) = current.take() {
-                    if old.result.is_none() {
-                        report.rounds.push(round_result(
-                            &old,
-                            "failed",
-                            Some("superseded by a new round".into()),
-                            None,
-                        ));
-                    }
-                }
-                info!(
-                    round = h.round,
-                    client_id = h.sender,
-                    clients = peers.len(),
-                    "invited to round"
-                );
-                let stats = s.conn.stats();
-                let (udp_tx_start, lost_start) = (stats.udp_tx.bytes, stats.path.lost_packets);
-                current = Some(Current {
-                    round: h.round,
-                    id: h.sender,
-                    peers,
-                    client: None,
-                    sent_bytes: 0,
-                    masked_input_bytes: 0,
-                    udp_tx_start,
-                    udp_tx_now: udp_tx_start,
-                    lost_start,
-                    lost_now: lost_start,
-                    result: None,
-                });
-            }
-            Kind::Protocol => {
-                let Some(cur) = current.as_mut().filter(|c| c.round == h.round) else {
-                    warn!(
-                        round = h.round,
-                        "protocol message for a round this client is not in; ignored"
-                    );
-                    continue;
-                };
-                let msg = decode_server(payload)
-                    .map_err(|e| SessionError::Violation(format!("decode: {e}")))?;
-                if cur.client.is_none() {
-                    let ServerMessage::Setup(setup) = &msg else {
-                        warn!("protocol message before setup; ignored");
+                Kind::Protocol => {
+                    let Some(cur) = self.current.as_mut().filter(|c| c.round == h.round) else {
+                        warn!(
+                            round = h.round,
+                            "protocol message for a round this client is not in; ignored"
+                        );
                         continue;
                     };
-                    let len = fedlora_secagg::manifest_len(&setup.manifest) as usize;
-                    let mut input = load_input(&cfg.input, cur.round, len)?;
-                    // Differential privacy: clip the whole contribution in L2 norm before it is
-                    // quantized (protocol-spec §7.2).
-                    if let Some(c) = privacy.as_ref().and_then(|p| p.clip_norm) {
-                        fedlora_dp::clip_l2(&mut input.values, c)
-                            .map_err(|e| ClientRunError::Input(format!("clipping: {e}")))?;
-                    }
-                    let auth = Ed25519Authenticator::client(identity.clone(), cur.peers.clone());
-                    let mut client = Client::new(cur.id, input, &mut rand::rng())
-                        .with_authenticator(Box::new(auth));
-                    if let Some(p) = &privacy {
-                        // This client's own noise share, calibrated from its own config (§7.3).
-                        client = client.with_noise(Box::new(fedlora_dp::ClientNoise::new(*p)));
-                    }
-                    cur.client = Some(client);
-                }
-                let Some(client) = cur.client.as_mut() else {
-                    continue;
-                };
-                let abort = match &msg {
-                    ServerMessage::Abort(reason) => Some(reason.to_string()),
-                    _ => None,
-                };
-                if let Err(e) = blocking(|| client.handle_message(msg)) {
-                    warn!(round = cur.round, error = %e, "protocol error");
-                }
-                while let Some(out) = client.poll_transmit() {
-                    let stage = out.stage();
-                    if fail_before == Some(stage) {
-                        return Err(ClientRunError::Injected(stage));
-                    }
-                    if opts.stall_before == Some(stage) {
-                        warn!(round = cur.round, stage = %stage, "stalling as asked (test option)");
-                        std::future::pending::<()>().await;
-                    }
-                    let bytes = encode_client(&out)
-                        .map_err(|e| SessionError::Violation(format!("encode: {e}")))?;
-                    if stage == Stage::MaskedInput {
-                        if let Some(b) = &opts.upload_barrier {
-                            b.wait().await;
+                    let msg = decode_server(payload)
+                        .map_err(|e| SessionError::Violation(format!("decode: {e}")))?;
+                    if cur.client.is_none() {
+                        let ServerMessage::Setup(setup) = &msg else {
+                            warn!("protocol message before setup; ignored");
+                            continue;
+                        };
+                        let len = fedlora_secagg::manifest_len(&setup.manifest) as usize;
+                        let mut input = load_input(&self.cfg.input, cur.round, len)?;
+                        // Differential self.privacy: clip the whole contribution in L2 norm before it is
+                        // quantized (protocol-spec §7.2).
+                        if let Some(c) = self.privacy.as_ref().and_then(|p| p.clip_norm) {
+                            fedlora_dp::clip_l2(&mut input.values, c)
+                                .map_err(|e| ClientRunError::Input(format!("clipping: {e}")))?;
                         }
-                        cur.masked_input_bytes += bytes.len() as u64;
-                    }
-                    let header = s.header(Kind::Protocol, cur.round, stage_code(stage), cur.id);
-                    if stage == Stage::MaskedInput && fail_mid_upload {
-                        return Err(die_mid_upload(&mut s, &header, &bytes).await);
-                    }
-                    cur.sent_bytes += bytes.len() as u64;
-                    s.send_owned(&header, bytes).await?;
-                }
-                let stats = s.conn.stats();
-                (cur.udp_tx_now, cur.lost_now) = (stats.udp_tx.bytes, stats.path.lost_packets);
-                let events: Vec<ClientEvent> = std::iter::from_fn(|| client.poll_event()).collect();
-                for ev in events {
-                    match ev {
-                        ClientEvent::Sent(stage) => {
-                            info!(round = cur.round, stage = %stage, "sent")
+                        let auth =
+                            Ed25519Authenticator::client(self.identity.clone(), cur.peers.clone());
+                        let mut client = Client::new(cur.id, input, &mut rand::rng())
+                            .with_authenticator(Box::new(auth));
+                        if let Some(p) = &self.privacy {
+                            // This client's own noise share, calibrated from its own config (§7.3).
+                            client = client.with_noise(Box::new(fedlora_dp::ClientNoise::new(*p)));
                         }
-                        ClientEvent::Done => info!(
-                            round = cur.round,
-                            "unmasking answered; waiting for the global state"
-                        ),
-                        ClientEvent::Aborted(reason) => {
-                            warn!(round = cur.round, %reason, "round aborted by server");
-                            cur.result =
-                                Some(round_result(cur, "aborted", Some(reason.to_string()), None));
+                        cur.client = Some(client);
+                    }
+                    let Some(client) = cur.client.as_mut() else {
+                        continue;
+                    };
+                    let abort = match &msg {
+                        ServerMessage::Abort(reason) => Some(reason.to_string()),
+                        _ => None,
+                    };
+                    if let Err(e) = blocking(|| client.handle_message(msg)) {
+                        warn!(round = cur.round, error = %e, "protocol error");
+                    }
+                    while let Some(out) = client.poll_transmit() {
+                        let stage = out.stage();
+                        if self.fail_before == Some(stage) {
+                            return Err(ClientRunError::Injected(stage));
                         }
-                        ClientEvent::Failed(e) => {
-                            warn!(round = cur.round, error = %e, "client refused to continue the round");
-                            cur.result = Some(round_result(cur, "failed", Some(e), None));
+                        if self.opts.stall_before == Some(stage) {
+                            warn!(round = cur.round, stage = %stage, "stalling as asked (test option)");
+                            std::future::pending::<()>().await;
+                        }
+                        let bytes = encode_client(&out)
+                            .map_err(|e| SessionError::Violation(format!("encode: {e}")))?;
+                        if stage == Stage::MaskedInput {
+                            if let Some(b) = &self.opts.upload_barrier {
+                                b.wait().await;
+                            }
+                            cur.masked_input_bytes += bytes.len() as u64;
+                        }
+                        let header = s.header(Kind::Protocol, cur.round, stage_code(stage), cur.id);
+                        if stage == Stage::MaskedInput && self.fail_mid_upload {
+                            return Err(die_mid_upload(s, &header, &bytes).await);
+                        }
+                        cur.sent_bytes += bytes.len() as u64;
+                        s.send_owned(&header, bytes).await?;
+                    }
+                    let stats = s.conn.stats();
+                    (cur.udp_tx_now, cur.lost_now) = (stats.udp_tx.bytes, stats.path.lost_packets);
+                    let events: Vec<ClientEvent> =
+                        std::iter::from_fn(|| client.poll_event()).collect();
+                    for ev in events {
+                        match ev {
+                            ClientEvent::Sent(stage) => {
+                                info!(round = cur.round, stage = %stage, "sent")
+                            }
+                            ClientEvent::Done => info!(
+                                round = cur.round,
+                                "unmasking answered; waiting for the global state"
+                            ),
+                            ClientEvent::Aborted(reason) => {
+                                warn!(round = cur.round, %reason, "round aborted by server");
+                                cur.result = Some(round_result(
+                                    cur,
+                                    "aborted",
+                                    Some(reason.to_string()),
+                                    None,
+                                ));
+                            }
+                            ClientEvent::Failed(e) => {
+                                warn!(round = cur.round, error = %e, "client refused to continue the round");
+                                cur.result = Some(round_result(cur, "failed", Some(e), None));
+                            }
+                        }
+                    }
+                    if let (Some(reason), None) = (abort, &cur.result) {
+                        // The state machine had already finished its part (e.g. answered the unmask
+                        // request); the round still ended without an aggregate.
+                        warn!(round = cur.round, %reason, "round aborted by server");
+                        cur.result = Some(round_result(cur, "aborted", Some(reason), None));
+                    }
+                    if let Some(done) = cur.result.clone() {
+                        self.report.rounds.push(done);
+                        self.current = None;
+                        self.fail_before = None;
+                        self.fail_mid_upload = false;
+                        if reached(self.cfg, &self.report) {
+                            break;
                         }
                     }
                 }
-                if let (Some(reason), None) = (abort, &cur.result) {
-                    // The state machine had already finished its part (e.g. answered the unmask
-                    // request); the round still ended without an aggregate.
-                    warn!(round = cur.round, %reason, "round aborted by server");
-                    cur.result = Some(round_result(cur, "aborted", Some(reason), None));
-                }
-                if let Some(done) = cur.result.clone() {
-                    report.rounds.push(done);
-                    current = None;
-                    fail_before = None;
-                    fail_mid_upload = false;
-                    if reached(cfg, &report) {
+                Kind::GlobalState => {
+                    if payload.len() < 32 || (payload.len() - 32) % 4 != 0 {
+                        return Err(SessionError::Violation("malformed global state".into()).into());
+                    }
+                    let (hash, state) = payload.split_at(32);
+                    if Sha256::digest(state).as_slice() != hash {
+                        return Err(
+                            SessionError::Violation("global state hash mismatch".into()).into()
+                        );
+                    }
+                    let hex_hash = hex::encode(hash);
+                    if let Some(dir) = &self.cfg.state_dir {
+                        write_state(dir, h.round, state).map_err(ClientRunError::State)?;
+                    }
+                    info!(round = h.round, sha256 = %hex_hash, values = state.len() / 4, "global state received");
+                    match self.current.take() {
+                        Some(mut cur) if cur.round == h.round => {
+                            let stats = s.conn.stats();
+                            (cur.udp_tx_now, cur.lost_now) =
+                                (stats.udp_tx.bytes, stats.path.lost_packets);
+                            self.report.rounds.push(round_result(
+                                &cur,
+                                "finished",
+                                None,
+                                Some(hex_hash),
+                            ));
+                            self.fail_before = None;
+                            self.fail_mid_upload = false;
+                        }
+                        other => self.current = other,
+                    }
+                    if reached(self.cfg, &self.report) {
                         break;
                     }
                 }
-            }
-            Kind::GlobalState => {
-                if payload.len() < 32 || (payload.len() - 32) % 4 != 0 {
-                    return Err(SessionError::Violation("malformed global state".into()).into());
-                }
-                let (hash, state) = payload.split_at(32);
-                if Sha256::digest(state).as_slice() != hash {
-                    return Err(SessionError::Violation("global state hash mismatch".into()).into());
-                }
-                let hex_hash = hex::encode(hash);
-                if let Some(dir) = &cfg.state_dir {
-                    write_state(dir, h.round, state).map_err(ClientRunError::State)?;
-                }
-                info!(round = h.round, sha256 = %hex_hash, values = state.len() / 4, "global state received");
-                match current.take() {
-                    Some(mut cur) if cur.round == h.round => {
-                        let stats = s.conn.stats();
-                        (cur.udp_tx_now, cur.lost_now) =
-                            (stats.udp_tx.bytes, stats.path.lost_packets);
-                        report
-                            .rounds
-                            .push(round_result(&cur, "finished", None, Some(hex_hash)));
-                        fail_before = None;
-                        fail_mid_upload = false;
-                    }
-                    other => current = other,
-                }
-                if reached(cfg, &report) {
+                Kind::Done => {
+                    self.report.server_done = true;
                     break;
                 }
-            }
-            Kind::Done => {
-                report.server_done = true;
-                break;
-            }
-            other => {
-                return Err(SessionError::Violation(format!("unexpected {other:?} frame")).into())
+                other => {
+                    return Err(
+                        SessionError::Violation(format!("unexpected {other:?} frame")).into(),
+                    )
+                }
             }
         }
+
+        Ok(())
     }
-    s.close().await;
-    Ok(report)
 }
 
 /// With a non-empty `known` list, every roster identity must be in it; returns the first client id
@@ -484,6 +577,15 @@ async fn die_mid_upload(s: &mut ClientSession, header: &Header, bytes: &[u8]) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reconnect_delay_doubles_up_to_thirty_seconds() {
+        assert_eq!(reconnect_delay(1_000, 0), Duration::from_secs(1));
+        assert_eq!(reconnect_delay(1_000, 1), Duration::from_secs(2));
+        assert_eq!(reconnect_delay(1_000, 4), Duration::from_secs(16));
+        assert_eq!(reconnect_delay(1_000, 5), Duration::from_secs(30));
+        assert_eq!(reconnect_delay(u64::MAX, 40), Duration::from_secs(30));
+    }
 
     #[test]
     fn synthetic_input_is_deterministic_and_bounded() {

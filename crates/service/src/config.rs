@@ -136,6 +136,12 @@ fn default_weight() -> u32 {
 fn default_connect_timeout_ms() -> u64 {
     10_000
 }
+fn default_reconnect_attempts() -> u32 {
+    10
+}
+fn default_reconnect_delay_ms() -> u64 {
+    1_000
+}
 
 /// `fedlora server` configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -441,6 +447,13 @@ pub struct ClientConfig {
     /// Connection establishment deadline.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
+    /// After a connection the server had admitted is lost, how many times in a row to try
+    /// connecting again before giving up (0: exit at once, leaving restarts to a supervisor).
+    #[serde(default = "default_reconnect_attempts")]
+    pub reconnect_attempts: u32,
+    /// Delay before the first reconnection attempt; it doubles per failed attempt, up to 30 s.
+    #[serde(default = "default_reconnect_delay_ms")]
+    pub reconnect_delay_ms: u64,
     /// Hard maximum frame size in bytes.
     #[serde(default = "default_max_frame")]
     pub max_frame_bytes: u32,

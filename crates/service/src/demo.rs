@@ -240,6 +240,9 @@ pub async fn run_demo(opts: DemoOptions) -> Result<DemoReport, DemoError> {
             max_rounds: None,
             privacy: opts.privacy.clone(),
             connect_timeout_ms: 10_000,
+            // The demo's server ends when its rounds do; a lost connection is a failure here.
+            reconnect_attempts: 0,
+            reconnect_delay_ms: 1_000,
             max_frame_bytes: crate::framing::DEFAULT_MAX_FRAME,
             state_dir: None,
             known_peers: keys.iter().map(|k| k.public().to_hex()).collect(),

@@ -41,6 +41,23 @@ pub fn transport_config(window: u32) -> Arc<quinn::TransportConfig> {
     transport_config_windows(Windows::uniform(window))
 }
 
+/// A client's transport: a 16 MiB window for what the server sends (the global state), and an idle
+/// timeout of [`CLIENT_IDLE_TIMEOUT`] (the shorter of both ends' applies): with keep-alives every
+/// 5 s a live server never idles out, and a dead one is noticed within that time, after which the
+/// client reconnects (`reconnect_attempts`).
+pub fn client_transport_config() -> Arc<quinn::TransportConfig> {
+    let mut t = transport_config(16 << 20);
+    if let Some(t) = Arc::get_mut(&mut t) {
+        if let Ok(idle) = quinn::IdleTimeout::try_from(CLIENT_IDLE_TIMEOUT) {
+            t.max_idle_timeout(Some(idle));
+        }
+    }
+    t
+}
+
+/// How long a client waits for any packet from the server before it gives the connection up.
+pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// [`transport_config`] with separate stream and connection receive windows: a paced server
 /// (`pacing`) starts every connection at the idle window and opens it for an upload.
 pub fn transport_config_windows(windows: Windows) -> Arc<quinn::TransportConfig> {
@@ -85,13 +102,14 @@ pub fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
 fn endpoint(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
+    config: quinn::EndpointConfig,
 ) -> Result<quinn::Endpoint, QuicError> {
     let socket = udp_socket(addr).map_err(|source| QuicError::Bind { addr, source })?;
     let runtime = quinn::default_runtime().ok_or_else(|| QuicError::Bind {
         addr,
         source: std::io::Error::other("no async runtime"),
     })?;
-    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)
+    quinn::Endpoint::new(config, server, socket, runtime)
         .map_err(|source| QuicError::Bind { addr, source })
 }
 
@@ -106,7 +124,7 @@ pub fn server_endpoint(
         .map_err(|e| QuicError::Crypto(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(transport_config_windows(windows));
-    endpoint(addr, Some(cfg))
+    endpoint(addr, Some(cfg), quinn::EndpointConfig::default())
 }
 
 /// A client endpoint (ephemeral port, same address family as `server`) trusting the server as told.
@@ -117,13 +135,13 @@ pub fn client_endpoint(
     let crypto = QuicClientConfig::try_from(client_rustls_config(trust)?)
         .map_err(|e| QuicError::Crypto(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(transport_config(16 << 20));
+    cfg.transport_config(client_transport_config());
     let bind: SocketAddr = if server.is_ipv4() {
         ([0, 0, 0, 0], 0).into()
     } else {
         ([0u16; 8], 0).into()
     };
-    let mut ep = endpoint(bind, None)?;
+    let mut ep = endpoint(bind, None, quinn::EndpointConfig::default())?;
     ep.set_default_client_config(cfg);
     Ok(ep)
 }

@@ -54,6 +54,24 @@ pub enum SessionError {
     Closed,
 }
 
+impl SessionError {
+    /// Whether the connection was lost or could not be made (timed out, reset, closed by the
+    /// server, stream ended), as opposed to being refused or breaking the protocol: the failures
+    /// after which a client may try again (`reconnect_attempts`).
+    pub fn is_connection_loss(&self) -> bool {
+        use quinn::ConnectionError as C;
+        match self {
+            Self::ConnectTimeout(_) | Self::Closed | Self::Stream(_) => true,
+            Self::Frame(FrameError::Io(_)) => true,
+            Self::Quic(QuicError::Connection(e)) => matches!(
+                e,
+                C::TimedOut | C::Reset | C::ConnectionClosed(_) | C::ApplicationClosed(_)
+            ),
+            _ => false,
+        }
+    }
+}
+
 /// The TLS exporter value both ends derive for this connection.
 pub fn exporter(conn: &quinn::Connection) -> Result<[u8; 32], String> {
     let mut out = [0u8; 32];
