@@ -196,16 +196,7 @@ pub async fn run_client(
             Err(e) if run.admitted() && e.is_connection_loss() => e,
             Err(e) => return Err(e.into()),
         };
-        if let Some(cur) = run.current.take() {
-            if cur.result.is_none() {
-                run.report.rounds.push(round_result(
-                    &cur,
-                    "failed",
-                    Some(format!("connection lost: {lost}")),
-                    None,
-                ));
-            }
-        }
+        run.abandon_current(format!("connection lost: {lost}"));
         if failures >= cfg.reconnect_attempts {
             return Err(lost.into());
         }
@@ -237,6 +228,17 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
+    /// Records the round in progress, if it has no outcome yet, as `failed` for `reason`.
+    fn abandon_current(&mut self, reason: String) {
+        if let Some(old) = self.current.take() {
+            if old.result.is_none() {
+                self.report
+                    .rounds
+                    .push(round_result(&old, "failed", Some(reason), None));
+            }
+        }
+    }
+
     /// Whether the server ever admitted this client (it was connected and authenticated).
     fn admitted(&self) -> bool {
         self.report.connections > 0
@@ -279,24 +281,15 @@ impl Run<'_> {
                         warn!(
                             round = h.round,
                             peer = unknown,
-                            "roster names an self.identity outside self.known_peers; sitting this round out"
+                            "roster names an identity outside known_peers; sitting this round out"
                         );
-                        if let Some(old) = self.current.take() {
-                            if old.result.is_none() {
-                                self.report.rounds.push(round_result(
-                                    &old,
-                                    "failed",
-                                    Some("superseded by a new round".into()),
-                                    None,
-                                ));
-                            }
-                        }
+                        self.abandon_current("superseded by a new round".into());
                         self.report.rounds.push(ClientRound {
                             round: h.round,
                             client_id: h.sender,
                             outcome: "refused".into(),
                             reason: Some(format!(
-                                "roster names client {unknown} with an self.identity not in self.known_peers"
+                                "roster names client {unknown} with an identity not in known_peers"
                             )),
                             aggregate_sha256: None,
                             sent_bytes: 0,
@@ -309,16 +302,7 @@ impl Run<'_> {
                         }
                         continue;
                     }
-                    if let Some(old) = self.current.take() {
-                        if old.result.is_none() {
-                            self.report.rounds.push(round_result(
-                                &old,
-                                "failed",
-                                Some("superseded by a new round".into()),
-                                None,
-                            ));
-                        }
-                    }
+                    self.abandon_current("superseded by a new round".into());
                     info!(
                         round = h.round,
                         client_id = h.sender,
@@ -358,7 +342,7 @@ impl Run<'_> {
                         };
                         let len = fedlora_secagg::manifest_len(&setup.manifest) as usize;
                         let mut input = load_input(&self.cfg.input, cur.round, len)?;
-                        // Differential self.privacy: clip the whole contribution in L2 norm before it is
+                        // Differential privacy: clip the whole contribution in L2 norm before it is
                         // quantized (protocol-spec §7.2).
                         if let Some(c) = self.privacy.as_ref().and_then(|p| p.clip_norm) {
                             fedlora_dp::clip_l2(&mut input.values, c)
