@@ -186,26 +186,17 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
     max: u32,
 ) -> Result<Option<Vec<u8>>, FrameError> {
-    Ok(read_frame_timed(r, max).await?.map(|(body, _)| body))
-}
-
-/// [`read_frame`], also returning when the length prefix arrived (the frame's first bytes): the
-/// server's ingest-throughput measurement.
-pub async fn read_frame_timed<R: AsyncRead + Unpin>(
-    r: &mut R,
-    max: u32,
-) -> Result<Option<(Vec<u8>, std::time::Instant)>, FrameError> {
-    let Some((len, first)) = read_frame_len(r, max).await? else {
+    let Some((len, _)) = read_frame_len(r, max).await? else {
         return Ok(None);
     };
     let mut body = vec![0u8; len as usize];
     r.read_exact(&mut body).await?;
-    Ok(Some((body, first)))
+    Ok(Some(body))
 }
 
 /// Reads one frame's length prefix and checks it against `max` before anything is allocated;
 /// also returns when it arrived. `Ok(None)` on a clean end of stream between frames. The caller
-/// reads the body (the server reads it chunk by chunk from QUIC, see `server::read_body`).
+/// reads the body (the server streams a masked vector in pieces, see `server::read_frame_or_stream`).
 pub async fn read_frame_len<R: AsyncRead + Unpin>(
     r: &mut R,
     max: u32,

@@ -167,12 +167,12 @@ mod tests {
         assert_eq!(server_window(0), server_window(1));
     }
 
-    #[tokio::test]
-    async fn pinned_connects_and_wrong_pin_fails() {
-        let cert = ServerCert::generate(&["localhost".into()]).expect("cert");
+    /// A loopback server presenting `cert` that accepts connections and holds them until the
+    /// peer closes; abort the handle to stop it.
+    fn accepting_server(cert: &ServerCert) -> (SocketAddr, tokio::task::JoinHandle<()>) {
         let server = server_endpoint(
             ([127, 0, 0, 1], 0).into(),
-            &cert,
+            cert,
             Windows::uniform(server_window(1)),
         )
         .expect("server");
@@ -184,6 +184,13 @@ mod tests {
                 }
             }
         });
+        (addr, accept)
+    }
+
+    #[tokio::test]
+    async fn pinned_connects_and_wrong_pin_fails() {
+        let cert = ServerCert::generate(&["localhost".into()]).expect("cert");
+        let (addr, accept) = accepting_server(&cert);
         let good = client_endpoint(addr, &ServerTrust::Pin(cert.fingerprint())).expect("client");
         let conn = connect(&good, addr, "localhost")
             .await
@@ -218,20 +225,7 @@ mod tests {
             vec![leaf.der().clone()],
             PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
         );
-        let server = server_endpoint(
-            ([127, 0, 0, 1], 0).into(),
-            &cert,
-            Windows::uniform(server_window(1)),
-        )
-        .expect("server");
-        let addr = server.local_addr().expect("addr");
-        let accept = tokio::spawn(async move {
-            while let Some(inc) = server.accept().await {
-                if let Ok(conn) = inc.await {
-                    let _ = conn.closed().await;
-                }
-            }
-        });
+        let (addr, accept) = accepting_server(&cert);
         let dir = std::env::temp_dir().join(format!("fedlora-ca-{}", rand::random::<u64>()));
         std::fs::create_dir_all(&dir).expect("dir");
         let ca_file = dir.join("ca.pem");

@@ -11,14 +11,9 @@ async fn four_clients_two_rounds_aggregate_exactly() {
         clients: 4,
         parameters: 100_000,
         rounds: 2,
-        dir: None,
         stage_timeout_ms: 20_000,
-        baseline_bytes: None,
-        synchronized_upload: false,
-        baseline_many_bytes_each: None,
-        receive_window_bytes: None,
         upload_slots: 2,
-        privacy: None,
+        ..DemoOptions::default()
     })
     .await
     .expect("demo runs");
@@ -58,12 +53,9 @@ async fn distributed_dp_round_records_realised_epsilon() {
         rounds: 1,
         dir: Some(dir.clone()),
         stage_timeout_ms: 20_000,
-        baseline_bytes: None,
-        synchronized_upload: false,
-        baseline_many_bytes_each: None,
-        receive_window_bytes: None,
         upload_slots: 2,
         privacy: Some(privacy),
+        ..DemoOptions::default()
     })
     .await
     .expect("demo runs");
