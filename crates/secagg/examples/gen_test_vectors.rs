@@ -7,6 +7,9 @@
 
 use std::path::PathBuf;
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes128Gcm, Nonce};
 use rand_chacha::ChaCha20Rng;
@@ -27,7 +30,7 @@ use fedlora_secagg::wire::{
     PublicKeys, RevealedShare, RoundParams, RoundSetup, ServerMessage, ShareBroadcast, ShareKeys,
     Stage, TensorSpec, UnmaskRequest, UnmaskResponse,
 };
-use fedlora_secagg::{derive, params, ClientInput, ParamRequest, RoundConfig, Server, ServerEvent};
+use fedlora_secagg::{derive, params, ClientInput, ParamRequest, RoundConfig};
 use fedlora_secagg::{Client, ClientError};
 
 const GENERATOR: &str =
@@ -1257,51 +1260,10 @@ fn gen_round() {
     );
 }
 
-/// Runs the small round with clients seeded `ChaCha20Rng::seed_from_u64(100 + i)` until the server
-/// emits its unmask request; returns the clients (each in `AwaitUnmask`, except one that dropped)
-/// and the request.
+/// Runs the small round of the unmask-request vectors until the server emits its request.
 fn drive_to_unmask(drop_at_share: Option<u32>) -> (Vec<Client>, UnmaskRequest) {
     let (config, inputs) = small_round_config(0xd0);
-    let n = config.num_clients;
-    let mut server = Server::new(config).unwrap();
-    let mut clients: Vec<Client> = inputs
-        .into_iter()
-        .enumerate()
-        .map(|(i, input)| {
-            Client::new(
-                i as u32,
-                input,
-                &mut ChaCha20Rng::seed_from_u64(100 + i as u64),
-            )
-        })
-        .collect();
-    let mut alive = vec![true; n as usize];
-    loop {
-        while let Some((to, msg)) = server.poll_transmit() {
-            if let ServerMessage::UnmaskRequest(r) = msg {
-                return (clients, r);
-            }
-            if alive[to as usize] {
-                clients[to as usize].handle_message(msg).unwrap();
-            }
-        }
-        while let Some(ev) = server.poll_event() {
-            assert!(!matches!(ev, ServerEvent::Aborted(_)), "{ev:?}");
-        }
-        let stage = server.stage();
-        for i in 0..n {
-            while let Some(m) = clients[i as usize].poll_transmit() {
-                if drop_at_share == Some(i) && m.stage() >= Stage::ShareKeys {
-                    alive[i as usize] = false;
-                    continue;
-                }
-                server.handle_message(i, m).unwrap();
-            }
-        }
-        if server.stage() == stage {
-            server.close_stage();
-        }
-    }
+    support::drive_to_unmask(config, inputs, drop_at_share)
 }
 
 fn variant_name(e: &impl std::fmt::Debug) -> String {

@@ -4,6 +4,8 @@
 //! (RFC 7748, RFC 5869, NIST SP 800-38A F.5.1, McGrew–Viega GCM test cases 3 and 4).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use aes::cipher::{KeyIvInit, StreamCipher};
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes128Gcm, Nonce};
@@ -27,8 +29,7 @@ use fedlora_secagg::wire::{
     UnmaskResponse,
 };
 use fedlora_secagg::{
-    derive, params, Client, ClientInput, ParamRequest, RoundConfig, RoundParams, Server,
-    ServerEvent, Stage, TensorSpec,
+    derive, params, Client, ClientInput, ParamRequest, RoundConfig, RoundParams, Stage, TensorSpec,
 };
 
 macro_rules! vectors {
@@ -709,47 +710,7 @@ fn bad_params_vectors() {
 
 /// Runs the round of `bad_unmask_request.json` until the server emits its unmask request.
 fn drive_to_unmask(setup: &Value, drop_at_share: Option<u32>) -> (Vec<Client>, UnmaskRequest) {
-    let config = config_of(setup);
-    let n = config.num_clients;
-    let mut server = Server::new(config).unwrap();
-    let mut clients: Vec<Client> = inputs_of(&setup["inputs"])
-        .into_iter()
-        .enumerate()
-        .map(|(i, input)| {
-            Client::new(
-                i as u32,
-                input,
-                &mut ChaCha20Rng::seed_from_u64(100 + i as u64),
-            )
-        })
-        .collect();
-    let mut alive = vec![true; n as usize];
-    loop {
-        while let Some((to, msg)) = server.poll_transmit() {
-            if let ServerMessage::UnmaskRequest(r) = msg {
-                return (clients, r);
-            }
-            if alive[to as usize] {
-                clients[to as usize].handle_message(msg).unwrap();
-            }
-        }
-        while let Some(ev) = server.poll_event() {
-            assert!(!matches!(ev, ServerEvent::Aborted(_)), "{ev:?}");
-        }
-        let stage = server.stage();
-        for i in 0..n {
-            while let Some(m) = clients[i as usize].poll_transmit() {
-                if drop_at_share == Some(i) && m.stage() >= Stage::ShareKeys {
-                    alive[i as usize] = false;
-                    continue;
-                }
-                server.handle_message(i, m).unwrap();
-            }
-        }
-        if server.stage() == stage {
-            server.close_stage();
-        }
-    }
+    support::drive_to_unmask(config_of(setup), inputs_of(&setup["inputs"]), drop_at_share)
 }
 
 #[test]
