@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, Var};
 use serde::Deserialize;
 
-use crate::lora::{LoraConfig, LoraLinear, Target};
+use crate::lora::{attach_to_layers, merge_layers, LoraConfig, LoraLinear, Target};
 use crate::ops::{gelu, layer_norm, softmax_last};
 use crate::rng::SeededRng;
 use crate::weights::Weights;
@@ -228,26 +228,13 @@ impl BertClassifier {
 
     /// Attaches fresh adapters (a `gate` target is ignored: BERT has none).
     pub fn attach_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<()> {
-        cfg.validate()?;
-        let mut rng = SeededRng::fork(seed, "lora-init");
-        for layer in &mut self.layers {
-            for (t, p) in LAYER_TARGETS.iter().zip(layer.proj.iter_mut()) {
-                if cfg.targets.contains(t) {
-                    p.attach(cfg, &mut rng)?;
-                }
-            }
-        }
-        Ok(())
+        let layers = self.layers.iter_mut().map(|l| &mut l.proj[..]);
+        attach_to_layers(layers, &LAYER_TARGETS, cfg, seed)
     }
 
     /// Folds every adapter into its base weight.
     pub fn merge_lora(&mut self) -> Result<()> {
-        for layer in &mut self.layers {
-            for p in layer.proj.iter_mut() {
-                p.merge()?;
-            }
-        }
-        Ok(())
+        merge_layers(self.layers.iter_mut().map(|l| &mut l.proj[..]))
     }
 
     /// The device the weights live on.

@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
-use crate::lora::{LoraConfig, LoraLinear, Target};
+use crate::lora::{attach_to_layers, merge_layers, LoraConfig, LoraLinear, Target};
 use crate::ops::{apply_rope, frozen_linear, rms_norm, softmax_last};
 use crate::rng::SeededRng;
 use crate::weights::Weights;
@@ -73,6 +73,23 @@ fn default_theta() -> f64 {
 }
 
 impl LlamaConfig {
+    /// `(out, in)` of each layer projection, in [`Target::ALL`] order (q, k, v, o, gate, up, down).
+    pub fn projection_shapes(&self) -> [(usize, usize); 7] {
+        let h = self.hidden_size;
+        let q_out = self.num_attention_heads * self.head_dim();
+        let kv_out = self.kv_heads() * self.head_dim();
+        let i = self.intermediate_size;
+        [
+            (q_out, h),
+            (kv_out, h),
+            (kv_out, h),
+            (h, q_out),
+            (i, h),
+            (i, h),
+            (h, i),
+        ]
+    }
+
     /// Key/value heads.
     pub fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
@@ -183,18 +200,7 @@ impl Llama {
         let h = cfg.hidden_size;
         let embed = w.take("model.embed_tokens.weight")?;
         Weights::expect_shape("model.embed_tokens.weight", &embed, &[cfg.vocab_size, h])?;
-        let q_out = cfg.num_attention_heads * cfg.head_dim();
-        let kv_out = cfg.kv_heads() * cfg.head_dim();
-        let i = cfg.intermediate_size;
-        let shapes = [
-            (q_out, h),
-            (kv_out, h),
-            (kv_out, h),
-            (h, q_out),
-            (i, h),
-            (i, h),
-            (h, i),
-        ];
+        let shapes = cfg.projection_shapes();
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let mut proj = Vec::with_capacity(7);
@@ -248,24 +254,11 @@ impl Llama {
         let mut rng = SeededRng::fork(seed, "llama-init");
         let mut w = Weights::default();
         let h = cfg.hidden_size;
-        let (q_out, kv_out) = (
-            cfg.num_attention_heads * cfg.head_dim(),
-            cfg.kv_heads() * cfg.head_dim(),
-        );
-        let i = cfg.intermediate_size;
         w.insert(
             "model.embed_tokens.weight",
             rng.normal_tensor((cfg.vocab_size, h), 0.5, device)?,
         );
-        let shapes = [
-            (q_out, h),
-            (kv_out, h),
-            (kv_out, h),
-            (h, q_out),
-            (i, h),
-            (i, h),
-            (h, i),
-        ];
+        let shapes = cfg.projection_shapes();
         for l in 0..cfg.num_hidden_layers {
             for (t, (o, inp)) in Target::ALL.iter().zip(shapes) {
                 let std = 1.0 / (inp as f32).sqrt();
@@ -289,26 +282,13 @@ impl Llama {
 
     /// Attaches fresh LoRA adapters to the configured projections of every layer.
     pub fn attach_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<()> {
-        cfg.validate()?;
-        let mut rng = SeededRng::fork(seed, "lora-init");
-        for layer in &mut self.layers {
-            for (t, p) in Target::ALL.iter().zip(layer.proj.iter_mut()) {
-                if cfg.targets.contains(t) {
-                    p.attach(cfg, &mut rng)?;
-                }
-            }
-        }
-        Ok(())
+        let layers = self.layers.iter_mut().map(|l| &mut l.proj[..]);
+        attach_to_layers(layers, &Target::ALL, cfg, seed)
     }
 
     /// Folds every adapter into its base weight.
     pub fn merge_lora(&mut self) -> Result<()> {
-        for layer in &mut self.layers {
-            for p in layer.proj.iter_mut() {
-                p.merge()?;
-            }
-        }
-        Ok(())
+        merge_layers(self.layers.iter_mut().map(|l| &mut l.proj[..]))
     }
 
     /// The device the weights live on.

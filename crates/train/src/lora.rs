@@ -221,6 +221,37 @@ impl LoraLinear {
     }
 }
 
+/// Attaches fresh adapters to every projection whose target `cfg` names, drawing from one seeded
+/// stream layer by layer. Each item of `layers` is one layer's projections; `targets[j]` is the
+/// target of slot `j`.
+pub fn attach_to_layers<'a>(
+    layers: impl IntoIterator<Item = &'a mut [LoraLinear]>,
+    targets: &[Target],
+    cfg: &LoraConfig,
+    seed: u64,
+) -> Result<()> {
+    cfg.validate()?;
+    let mut rng = SeededRng::fork(seed, "lora-init");
+    for proj in layers {
+        for (t, p) in targets.iter().zip(proj.iter_mut()) {
+            if cfg.targets.contains(t) {
+                p.attach(cfg, &mut rng)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Folds every adapter of `layers` into its base weight.
+pub fn merge_layers<'a>(layers: impl IntoIterator<Item = &'a mut [LoraLinear]>) -> Result<()> {
+    for proj in layers {
+        for p in proj.iter_mut() {
+            p.merge()?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
