@@ -37,6 +37,19 @@ pub struct CommonArgs {
     max_len: Option<usize>,
 }
 
+impl CommonArgs {
+    /// Configures candle's CPU threads (`--threads`) and opens `--device`.
+    fn threads_and_device(&self) -> anyhow::Result<(usize, candle_device::Device)> {
+        let threads = configure_threads(self.threads);
+        Ok((threads, device(&self.device)?))
+    }
+
+    /// `--max-len`, or the task's default.
+    fn max_len_for(&self, task: &TaskSpec) -> usize {
+        self.max_len.unwrap_or_else(|| default_max_len(task))
+    }
+}
+
 fn device(name: &str) -> anyhow::Result<candle_device::Device> {
     match name {
         "cpu" => Ok(candle_device::Device::Cpu),
@@ -123,13 +136,9 @@ fn default_max_len(task: &TaskSpec) -> usize {
 
 /// Runs `fedlora train`.
 pub fn run_train(args: TrainArgs, json: bool) -> anyhow::Result<()> {
-    let threads = configure_threads(args.common.threads);
-    let dev = device(&args.common.device)?;
+    let (threads, dev) = args.common.threads_and_device()?;
     let task = TaskSpec::parse(&args.task)?;
-    let max_len = args
-        .common
-        .max_len
-        .unwrap_or_else(|| default_max_len(&task));
+    let max_len = args.common.max_len_for(&task);
     let lora = LoraConfig {
         r: args.rank,
         alpha: args.alpha,
@@ -242,13 +251,9 @@ pub struct EvalArgs {
 /// Runs `fedlora eval`.
 pub fn run_eval(args: EvalArgs, json: bool) -> anyhow::Result<()> {
     let start = Instant::now();
-    let threads = configure_threads(args.common.threads);
-    let dev = device(&args.common.device)?;
+    let (threads, dev) = args.common.threads_and_device()?;
     let task = TaskSpec::parse(&args.task)?;
-    let max_len = args
-        .common
-        .max_len
-        .unwrap_or_else(|| default_max_len(&task));
+    let max_len = args.common.max_len_for(&task);
     let mut data = task.load(args.common.seed)?;
     data.truncate(None, args.eval_examples);
     let spec = args
@@ -329,8 +334,7 @@ pub struct GenerateArgs {
 
 /// Runs `fedlora generate`.
 pub fn run_generate(args: GenerateArgs, json: bool) -> anyhow::Result<()> {
-    let threads = configure_threads(args.common.threads);
-    let dev = device(&args.common.device)?;
+    let (threads, dev) = args.common.threads_and_device()?;
     let spec = args
         .common
         .model
