@@ -57,7 +57,7 @@ pub fn hf_module(t: Target) -> Option<&'static str> {
 }
 
 /// The projections of one layer in order q, k, v, o, up, down.
-const LAYER_TARGETS: [Target; 6] = [
+pub const LAYER_TARGETS: [Target; 6] = [
     Target::Q,
     Target::K,
     Target::V,

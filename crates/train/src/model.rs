@@ -269,16 +269,8 @@ impl LoadedModel {
                 }
             }
             Net::Bert(m) => {
-                let targets = [
-                    Target::Q,
-                    Target::K,
-                    Target::V,
-                    Target::O,
-                    Target::Up,
-                    Target::Down,
-                ];
                 for (l, layer) in m.layers.iter().enumerate() {
-                    for (t, p) in targets.iter().zip(layer.proj.iter()) {
+                    for (t, p) in bert::LAYER_TARGETS.iter().zip(layer.proj.iter()) {
                         if let Some(lp) = &p.lora {
                             let module = bert::hf_module(*t).unwrap_or_default();
                             let base = format!("base_model.model.bert.encoder.layer.{l}.{module}");
