@@ -562,6 +562,40 @@ fn blocking<R>(f: impl FnOnce() -> R) -> R {
     }
 }
 
+/// The checks every round frame passes before its message is looked at: the sender is a participant,
+/// the header decodes, and it is bound to this session, round and open stage without replay
+/// (protocol-spec §8.4). Returns the sender's client id, the header and the payload.
+fn check_frame<'b>(
+    run: &RoundRun,
+    proto: &fedlora_secagg::Server,
+    conn_id: u64,
+    body: &'b [u8],
+) -> Result<(u32, Header, &'b [u8]), String> {
+    let &cid = run
+        .by_conn
+        .get(&conn_id)
+        .ok_or_else(|| "not a participant of this round".to_string())?;
+    let (h, payload) =
+        Header::decode(body).map_err(|e| format!("client {cid}: malformed frame: {e}"))?;
+    let open = proto.stage().map(stage_code).unwrap_or(NO_STAGE);
+    run.guard
+        .check(&h, cid, open)
+        .map_err(|e| format!("client {cid}: {e}"))?;
+    Ok((cid, h, payload))
+}
+
+/// The frame header's stage must be the stage of the message it carries.
+fn check_frame_stage(cid: u32, h: &Header, msg_stage: Stage) -> Result<(), String> {
+    if stage_code(msg_stage) == h.stage {
+        Ok(())
+    } else {
+        Err(format!(
+            "client {cid}: frame stage {} carries a {msg_stage} message",
+            h.stage
+        ))
+    }
+}
+
 struct Coordinator {
     cfg: ServerConfig,
     store: Store,
@@ -603,14 +637,17 @@ struct UploadBegin<'a> {
     first_byte: Instant,
 }
 
-struct Streaming {
-    cid: u32,
-    header: Header,
-    first_byte: Instant,
-    frame_len: u32,
-    words: u32,
-    /// The protocol refused it: its remaining pieces are dropped unread by the state machine.
-    refused: bool,
+enum Streaming {
+    /// Admitted by the state machine: its pieces go into the sum.
+    Accepted {
+        cid: u32,
+        header: Header,
+        first_byte: Instant,
+        frame_len: u32,
+        words: u32,
+    },
+    /// Refused, and reported once: its remaining pieces are dropped.
+    Refused,
 }
 
 impl RoundRun {
@@ -663,12 +700,12 @@ impl Coordinator {
             }
             Inbound::Left { conn_id } => {
                 if let (Some(run), Some(proto)) = (round.as_deref_mut(), proto) {
-                    if let Some(st) = run.streams.remove(&conn_id) {
-                        if !st.refused && proto.cancel_masked_input(st.cid) {
+                    if let Some(Streaming::Accepted { cid, .. }) = run.streams.remove(&conn_id) {
+                        if proto.cancel_masked_input(cid) {
                             self.audit(
                                 Some(run.round),
                                 "upload_cancelled",
-                                &format!("client {}: connection lost mid-upload", st.cid),
+                                &format!("client {cid}: connection lost mid-upload"),
                             );
                         }
                     }
@@ -768,58 +805,31 @@ impl Coordinator {
         begin: UploadBegin<'_>,
     ) {
         let conn_id = begin.conn_id;
-        let checked = (|| {
-            let &cid = run
-                .by_conn
-                .get(&conn_id)
-                .ok_or_else(|| "not a participant of this round".to_string())?;
-            let (h, _) = Header::decode(begin.head)
-                .map_err(|e| format!("client {cid}: malformed frame: {e}"))?;
-            let open = proto.stage().map(stage_code).unwrap_or(NO_STAGE);
-            run.guard
-                .check(&h, cid, open)
-                .map_err(|e| format!("client {cid}: {e}"))?;
-            if h.stage != stage_code(Stage::MaskedInput) {
-                return Err(format!(
-                    "client {cid}: frame stage {} carries a {} message",
-                    h.stage,
-                    Stage::MaskedInput
-                ));
-            }
-            Ok((cid, h))
-        })();
-        let (cid, header, refused) = match checked {
-            Ok((cid, h)) => match proto.begin_masked_input(cid, begin.ring_bits, begin.count) {
-                Ok(()) => (cid, h, false),
-                Err(e) => {
-                    self.reject_in_round(run, conn_id, e.to_string());
-                    (cid, h, true)
-                }
-            },
-            Err(why) => {
-                self.reject_in_round(run, conn_id, why);
-                // Its pieces are still to come; they are dropped without a further report.
-                let placeholder = Header {
-                    kind: Kind::Protocol,
-                    session: self.session,
-                    round: run.round,
-                    stage: NO_STAGE,
-                    sender: SERVER,
-                };
-                (u32::MAX, placeholder, true)
-            }
-        };
-        run.streams.insert(
-            conn_id,
-            Streaming {
+        let admitted = check_frame(run, proto, conn_id, begin.head)
+            .and_then(|(cid, h, _)| {
+                check_frame_stage(cid, &h, Stage::MaskedInput)?;
+                Ok((cid, h))
+            })
+            .and_then(|(cid, h)| {
+                proto
+                    .begin_masked_input(cid, begin.ring_bits, begin.count)
+                    .map(|()| (cid, h))
+                    .map_err(|e| e.to_string())
+            });
+        let stream = match admitted {
+            Ok((cid, header)) => Streaming::Accepted {
                 cid,
                 header,
                 first_byte: begin.first_byte,
                 frame_len: begin.frame_len,
                 words: begin.count,
-                refused,
             },
-        );
+            Err(why) => {
+                self.reject_in_round(run, conn_id, why);
+                Streaming::Refused
+            }
+        };
+        run.streams.insert(conn_id, stream);
     }
 
     fn on_upload_piece(
@@ -829,15 +839,12 @@ impl Coordinator {
         conn_id: u64,
         piece: Bytes,
     ) {
-        let Some(st) = run.streams.get_mut(&conn_id) else {
+        let Some(Streaming::Accepted { cid, .. }) = run.streams.get(&conn_id) else {
             return;
         };
-        if st.refused {
-            return;
-        }
-        if let Err(e) = proto.masked_input_piece(st.cid, piece) {
+        if let Err(e) = proto.masked_input_piece(*cid, piece) {
             // The stage closed under it, or it overran: the state machine has taken it back out.
-            st.refused = true;
+            run.streams.insert(conn_id, Streaming::Refused);
             self.reject_in_round(run, conn_id, e.to_string());
         }
     }
@@ -848,20 +855,20 @@ impl Coordinator {
         proto: &mut fedlora_secagg::Server,
         conn_id: u64,
     ) {
-        let Some(st) = run.streams.remove(&conn_id) else {
+        let Some(Streaming::Accepted {
+            cid,
+            header,
+            first_byte,
+            frame_len,
+            words,
+        }) = run.streams.remove(&conn_id)
+        else {
             return;
         };
-        if st.refused {
-            return;
-        }
-        match proto.end_masked_input(st.cid) {
+        match proto.end_masked_input(cid) {
             Ok(()) => {
-                run.guard.accept(&st.header);
-                run.record_ingest(
-                    st.first_byte,
-                    4 + u64::from(st.frame_len),
-                    u64::from(st.words),
-                );
+                run.guard.accept(&header);
+                run.record_ingest(first_byte, 4 + u64::from(frame_len), u64::from(words));
             }
             Err(e) => self.reject_in_round(run, conn_id, e.to_string()),
         }
@@ -875,28 +882,10 @@ impl Coordinator {
         body: &[u8],
         first_byte: Instant,
     ) {
-        let name = self
-            .conns
-            .get(&conn_id)
-            .map(|c| c.name.clone())
-            .unwrap_or_default();
-        let reject = |co: &mut Self, run: &mut RoundRun, why: String| {
-            run.rejected += 1;
-            warn!(round = run.round, client = %name, reason = %why, "message rejected");
-            co.audit(Some(run.round), "rejected", &format!("{name}: {why}"));
-        };
-        let Some(&cid) = run.by_conn.get(&conn_id) else {
-            reject(self, run, "not a participant of this round".into());
-            return;
-        };
-        let (h, payload) = match Header::decode(body) {
+        let (cid, h, payload) = match check_frame(run, proto, conn_id, body) {
             Ok(x) => x,
-            Err(e) => return reject(self, run, format!("client {cid}: malformed frame: {e}")),
+            Err(why) => return self.reject_in_round(run, conn_id, why),
         };
-        let open = proto.stage().map(stage_code).unwrap_or(NO_STAGE);
-        if let Err(e) = run.guard.check(&h, cid, open) {
-            return reject(self, run, format!("client {cid}: {e}"));
-        }
         // A masked vector is checked in its wire form and added straight from these bytes
         // (`Server::handle_bytes`); everything else is decoded first.
         let (msg_stage, words, msg) = match fedlora_wire::view_masked_input(payload) {
@@ -904,20 +893,17 @@ impl Coordinator {
             Ok(None) => match decode_client(payload) {
                 Ok(m) => (m.stage(), None, Some(m)),
                 Err(e) => {
-                    return reject(self, run, format!("client {cid}: malformed message: {e}"))
+                    let why = format!("client {cid}: malformed message: {e}");
+                    return self.reject_in_round(run, conn_id, why);
                 }
             },
-            Err(e) => return reject(self, run, format!("client {cid}: malformed message: {e}")),
+            Err(e) => {
+                let why = format!("client {cid}: malformed message: {e}");
+                return self.reject_in_round(run, conn_id, why);
+            }
         };
-        if stage_code(msg_stage) != h.stage {
-            return reject(
-                self,
-                run,
-                format!(
-                    "client {cid}: frame stage {} carries a {msg_stage} message",
-                    h.stage
-                ),
-            );
+        if let Err(why) = check_frame_stage(cid, &h, msg_stage) {
+            return self.reject_in_round(run, conn_id, why);
         }
         let handled = match msg {
             Some(msg) => blocking(|| proto.handle_message(cid, msg)),
@@ -930,7 +916,7 @@ impl Coordinator {
                     run.record_ingest(first_byte, 4 + body.len() as u64, words);
                 }
             }
-            Err(e) => reject(self, run, e.to_string()),
+            Err(e) => self.reject_in_round(run, conn_id, e.to_string()),
         }
     }
 
