@@ -123,6 +123,13 @@ pub enum ClientError {
     /// The client's round is over (finished, aborted or failed); nothing more is accepted.
     #[error("the round is over for this client")]
     Finished,
+    /// A client created with [`Client::deferred`] reached the masked-input step without
+    /// [`Client::provide_input`] having been called.
+    #[error("the masked input is due but no input was provided")]
+    InputMissing,
+    /// [`Client::provide_input`] was called twice, before the setup, or after the masked input.
+    #[error("input cannot be provided while {0}")]
+    InputNotExpected(&'static str),
 }
 
 /// What a client reports to its caller.
@@ -145,14 +152,16 @@ struct Keys {
 
 struct AwaitKeys {
     setup: RoundSetup,
-    words: Zeroizing<Vec<u32>>,
+    /// The quantized (and noised) input; `None` until a deferred client is given its input.
+    words: Option<Zeroizing<Vec<u32>>>,
     keys: Keys,
     advertised: AdvertiseKeys,
 }
 
 struct AwaitShares {
     setup: RoundSetup,
-    words: Zeroizing<Vec<u32>>,
+    /// As in [`AwaitKeys`].
+    words: Option<Zeroizing<Vec<u32>>>,
     keys: Keys,
     session: SessionId,
     neighbour_keys: BTreeMap<ClientId, AdvertiseKeys>,
@@ -169,7 +178,8 @@ struct AwaitUnmask {
 }
 
 enum State {
-    AwaitSetup(ClientInput),
+    /// `None` for a client created with [`Client::deferred`].
+    AwaitSetup(Option<ClientInput>),
     AwaitKeys(Box<AwaitKeys>),
     AwaitShares(Box<AwaitShares>),
     AwaitUnmask(Box<AwaitUnmask>),
@@ -195,6 +205,9 @@ pub struct Client {
     rng: ChaCha20Rng,
     authenticator: Option<Box<dyn KeyAuthenticator>>,
     noise: Option<Box<dyn RingNoise>>,
+    /// Trailing input values that the noise hook never sees (public weight words of an aggregation
+    /// rule, e.g. rank-partition indicators), on top of the protocol's own weight word.
+    noise_free_tail: usize,
     outbox: VecDeque<ClientMessage>,
     events: VecDeque<ClientEvent>,
     /// The client answered the unmask request; the server may still abort the round afterwards
@@ -222,14 +235,27 @@ impl Client {
     /// (for keys, seeds, shares and stochastic rounding); pass the operating system's generator in
     /// production and a seeded one in tests.
     pub fn new<R: CryptoRng + ?Sized>(id: ClientId, input: ClientInput, rng: &mut R) -> Self {
+        Self::with_state(id, State::AwaitSetup(Some(input)), rng)
+    }
+
+    /// Creates the client `id` without its input, which [`Client::provide_input`] supplies later,
+    /// at any time before the share broadcast arrives. The early stages (setup, keys, shares) do
+    /// not depend on the input, so a driver can run them first and produce each input only when
+    /// its masked vector is due: an in-process federation then holds one contribution at a time.
+    pub fn deferred<R: CryptoRng + ?Sized>(id: ClientId, rng: &mut R) -> Self {
+        Self::with_state(id, State::AwaitSetup(None), rng)
+    }
+
+    fn with_state<R: CryptoRng + ?Sized>(id: ClientId, state: State, rng: &mut R) -> Self {
         let mut seed = Zeroizing::new([0u8; 32]);
         rng.fill_bytes(seed.as_mut());
         Client {
             id,
-            state: State::AwaitSetup(input),
+            state,
             rng: ChaCha20Rng::from_seed(*seed),
             authenticator: None,
             noise: None,
+            noise_free_tail: 0,
             outbox: VecDeque::new(),
             events: VecDeque::new(),
             answered: false,
@@ -246,6 +272,62 @@ impl Client {
     pub fn with_noise(mut self, noise: Box<dyn RingNoise>) -> Self {
         self.noise = Some(noise);
         self
+    }
+
+    /// Keeps the last `n` input values out of the noise hook: they carry public weights (an
+    /// aggregation rule's per-partition weight words), not private values.
+    pub fn with_noise_free_tail(mut self, n: usize) -> Self {
+        self.noise_free_tail = n;
+        self
+    }
+
+    /// Whether this client still waits for [`Client::provide_input`] (a deferred client that has
+    /// not been given its input and whose masked input is not yet sent).
+    pub fn needs_input(&self) -> bool {
+        match &self.state {
+            State::AwaitSetup(input) => input.is_none(),
+            State::AwaitKeys(s) => s.words.is_none(),
+            State::AwaitShares(s) => s.words.is_none(),
+            State::AwaitUnmask(_) | State::Over => false,
+        }
+    }
+
+    /// Whether the input is due now: a deferred client without input whose next message is the
+    /// share broadcast, on which it sends its masked input.
+    pub fn input_due(&self) -> bool {
+        matches!(&self.state, State::AwaitShares(s) if s.words.is_none())
+    }
+
+    /// Supplies the input of a [`Client::deferred`] client after the setup and before the share
+    /// broadcast: it is checked against the manifest, quantized and noised as at setup
+    /// (protocol-spec §4.1.1, §5.3, §7.3). On an error the client stops, as for any other.
+    pub fn provide_input(&mut self, input: ClientInput) -> Result<(), ClientError> {
+        let slot = match &mut self.state {
+            State::AwaitKeys(s) if s.words.is_none() => Some((&s.setup, &mut s.words)),
+            State::AwaitShares(s) if s.words.is_none() => Some((&s.setup, &mut s.words)),
+            _ => None,
+        };
+        let Some((setup, words)) = slot else {
+            return Err(ClientError::InputNotExpected(self.state.name()));
+        };
+        let setup = setup.clone();
+        match prepare_words(
+            &setup,
+            input,
+            self.noise.as_deref_mut(),
+            self.noise_free_tail,
+            &mut self.rng,
+        ) {
+            Ok(w) => {
+                *words = Some(w);
+                Ok(())
+            }
+            Err(err) => {
+                self.state = State::Over;
+                self.events.push_back(ClientEvent::Failed(err.to_string()));
+                Err(err)
+            }
+        }
     }
 
     /// This client's id.
@@ -311,7 +393,11 @@ impl Client {
     }
 
     /// Implements the setup step (protocol-spec §4.1.1): validate, quantize, add noise, advertise keys.
-    fn on_setup(&mut self, input: ClientInput, setup: RoundSetup) -> Result<State, ClientError> {
+    fn on_setup(
+        &mut self,
+        input: Option<ClientInput>,
+        setup: RoundSetup,
+    ) -> Result<State, ClientError> {
         if setup.version != PROTOCOL_VERSION {
             return Err(ClientError::Version(setup.version));
         }
@@ -321,25 +407,17 @@ impl Client {
                 got: setup.client_id,
             });
         }
-        let manifest = manifest_len(&setup.manifest);
-        if manifest != input.values.len() as u64 {
-            return Err(ClientError::ManifestMismatch {
-                manifest,
-                input: input.values.len(),
-            });
-        }
         params::validate(&setup.params, setup.num_clients)?;
-        let quantizer = Quantizer::new(&setup.params);
-        let (mut words, _stats) = quantizer.quantize(&input.values, input.weight, &mut self.rng)?;
-        drop(input);
-        if let Some(noise) = self.noise.as_mut() {
-            let values = words.len() - 1;
-            noise
-                .add_noise(&mut words[..values], &setup, &mut self.rng)
-                .map_err(ClientError::Noise)?;
-            let mask = quantizer.ring_mask();
-            words[..values].iter_mut().for_each(|w| *w &= mask);
-        }
+        let words = match input {
+            Some(input) => Some(prepare_words(
+                &setup,
+                input,
+                self.noise.as_deref_mut(),
+                self.noise_free_tail,
+                &mut self.rng,
+            )?),
+            None => None,
+        };
         let keys = Keys {
             cipher_sk: fresh_secret(&mut self.rng),
             mask_sk: fresh_secret(&mut self.rng),
@@ -559,7 +637,7 @@ impl Client {
                 Sign::pairwise(self.id, peer),
             ));
         }
-        let mut words = s.words;
+        let mut words = s.words.ok_or(ClientError::InputMissing)?;
         apply_masks(&mut words, &masks);
         let ring_mask = crate::quant::ring_mask(s.setup.params.ring_bits);
         let masked: Vec<u32> = words.iter().map(|w| w & ring_mask).collect();
@@ -640,6 +718,37 @@ impl Client {
         self.answered = true;
         Ok(State::Over)
     }
+}
+
+/// Checks the input against the setup's manifest, quantizes it (protocol-spec §5.3) and adds this
+/// client's noise share inside the ring (§7.3). The protocol's weight word and the last
+/// `noise_free_tail` values are left without noise.
+fn prepare_words(
+    setup: &RoundSetup,
+    input: ClientInput,
+    noise: Option<&mut (dyn RingNoise + 'static)>,
+    noise_free_tail: usize,
+    rng: &mut ChaCha20Rng,
+) -> Result<Zeroizing<Vec<u32>>, ClientError> {
+    let manifest = manifest_len(&setup.manifest);
+    if manifest != input.values.len() as u64 {
+        return Err(ClientError::ManifestMismatch {
+            manifest,
+            input: input.values.len(),
+        });
+    }
+    let quantizer = Quantizer::new(&setup.params);
+    let (mut words, _stats) = quantizer.quantize(&input.values, input.weight, rng)?;
+    drop(input);
+    if let Some(noise) = noise {
+        let values = (words.len() - 1).saturating_sub(noise_free_tail);
+        noise
+            .add_noise(&mut words[..values], setup, rng)
+            .map_err(ClientError::Noise)?;
+        let mask = quantizer.ring_mask();
+        words[..values].iter_mut().for_each(|w| *w &= mask);
+    }
+    Ok(words)
 }
 
 fn server_message_name(m: &fedlora_wire::ServerMessage) -> &'static str {

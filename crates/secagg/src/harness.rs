@@ -64,6 +64,10 @@ pub struct Harness {
     progress: Option<Box<dyn FnMut(Progress) + Send>>,
 }
 
+/// Produces the input of a [`Client::deferred`] client when its masked input is due; `None`
+/// makes that client drop out (it sends nothing more).
+pub type InputSource<'a> = dyn FnMut(u32) -> Option<ClientInput> + 'a;
+
 /// Progress within a stage, reported after each batch of clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Progress {
@@ -145,8 +149,19 @@ impl Harness {
 
     /// Runs the round to its end.
     pub fn run(&mut self, clock: Option<&dyn Clock>) -> Outcome {
+        self.run_with_inputs(clock, None)
+    }
+
+    /// Runs the round to its end; `inputs` supplies the inputs of [`Client::deferred`] clients,
+    /// one client at a time and in id order, right before each receives the share broadcast, so at
+    /// most one batch of inputs is alive at once.
+    pub fn run_with_inputs(
+        &mut self,
+        clock: Option<&dyn Clock>,
+        mut inputs: Option<&mut InputSource<'_>>,
+    ) -> Outcome {
         loop {
-            if let Some(outcome) = self.step(clock) {
+            if let Some(outcome) = self.step_with_inputs(clock, inputs.as_deref_mut()) {
                 return outcome;
             }
         }
@@ -159,6 +174,14 @@ impl Harness {
     /// One exchange: deliver the server's messages, let clients answer, let the server ingest and
     /// close the stage. Returns the outcome once the round is over.
     pub fn step(&mut self, clock: Option<&dyn Clock>) -> Option<Outcome> {
+        self.step_with_inputs(clock, None)
+    }
+
+    fn step_with_inputs(
+        &mut self,
+        clock: Option<&dyn Clock>,
+        mut inputs: Option<&mut InputSource<'_>>,
+    ) -> Option<Outcome> {
         while let Some((to, msg)) = self.server.poll_transmit() {
             // Encoding our own messages cannot fail for valid rounds; a failure is a bug to surface.
             match encode_server(&msg) {
@@ -180,6 +203,9 @@ impl Harness {
         let mut times = StageTimes::default();
         let ids: Vec<usize> = (0..self.clients.len()).collect();
         for batch in ids.chunks(BATCH) {
+            if let Some(source) = inputs.as_deref_mut() {
+                self.provide_due_inputs(batch, source);
+            }
             let uploads = self.clients_answer(batch, clock, &mut times);
             let start = Self::now(clock);
             for (from, bytes) in &uploads {
@@ -256,6 +282,30 @@ impl Harness {
             }
         }
         uploads
+    }
+}
+
+impl Harness {
+    /// Asks `source` for the input of each deferred client of `batch` whose share broadcast is
+    /// waiting in its inbox. A client without input drops out, as if it had stopped there.
+    fn provide_due_inputs(&mut self, batch: &[usize], source: &mut InputSource<'_>) {
+        for &id in batch {
+            let Some(client) = self.clients[id].as_mut() else {
+                continue;
+            };
+            if !client.input_due() || self.inbox[id].is_empty() {
+                continue;
+            }
+            match source(id as u32) {
+                Some(input) => {
+                    if let Err(e) = client.provide_input(input) {
+                        self.client_errors.push((id as u32, e.to_string()));
+                        self.clients[id] = None;
+                    }
+                }
+                None => self.clients[id] = None,
+            }
+        }
     }
 }
 
