@@ -136,13 +136,13 @@ impl AdapterConfig {
     }
 }
 
-/// The trainable tensors of a model by PEFT name, in [`LoadedModel::trainable`] order. This is the
-/// vector a federated client uploads.
+/// Every adapter tensor of a model by PEFT name, in [`LoadedModel::adapter_params`] order (frozen
+/// factors included: they are part of the adapter a PEFT user loads).
 pub fn adapter_tensors(model: &LoadedModel) -> Vec<(String, Tensor)> {
     model
-        .trainable()
+        .adapter_params()
         .into_iter()
-        .map(|(n, v)| (n, v.as_tensor().clone()))
+        .map(|(n, v, _)| (n, v.as_tensor().clone()))
         .collect()
 }
 
@@ -252,7 +252,7 @@ pub fn load_adapter(model: &mut LoadedModel, dir: &Path) -> Result<LoraConfig> {
         )));
     }
     model.attach_lora(&lora, 0)?;
-    for (name, var) in model.trainable() {
+    for (name, var, _) in model.adapter_params() {
         let t = map
             .remove(&name)
             .ok_or_else(|| TrainError::invalid(format!("adapter lacks tensor {name}")))?;

@@ -1,6 +1,12 @@
-//! A differentiable BERT encoder with a sequence-classification head (mean pooling over real
-//! tokens, then a linear layer), for all-MiniLM-L6-v2 and other Hugging Face BERT checkpoints.
-//! LayerNorm, GELU and softmax are plain tensor ops so gradients reach every LoRA matrix.
+//! A differentiable BERT encoder with Hugging Face's sequence-classification head, for
+//! all-MiniLM-L6-v2 and other BERT checkpoints. LayerNorm, GELU and softmax are plain tensor ops so
+//! gradients reach every LoRA matrix.
+//!
+//! The head is exactly `BertForSequenceClassification`'s: the `[CLS]` position's hidden state goes
+//! through the checkpoint's frozen pooler (`tanh(W_p·h + b_p)`), then the trained linear
+//! classifier. An adapter trained here therefore scores the same when a PEFT user loads it with
+//! `AutoModelForSequenceClassification` + `PeftModel.from_pretrained` (a mean-pooling head, as
+//! sentence-transformers use, would silently become a different model there).
 
 use std::path::Path;
 
@@ -88,6 +94,8 @@ pub struct BertClassifier {
     emb_ln: (Tensor, Tensor),
     /// Encoder layers.
     pub layers: Vec<BertLayer>,
+    /// Pooler `(hidden, hidden)` weight and bias, frozen (as PEFT leaves it).
+    pub pooler: (Tensor, Tensor),
     /// Classifier weight `(labels, hidden)`, trained fully (PEFT's `modules_to_save`).
     pub head_w: Var,
     /// Classifier bias `(labels,)`.
@@ -152,6 +160,12 @@ impl BertClassifier {
                 ),
             });
         }
+        let pooler = (take("pooler.dense.weight")?, take("pooler.dense.bias")?);
+        Weights::expect_shape(
+            "pooler.dense.weight",
+            &pooler.0,
+            &[cfg.hidden_size, cfg.hidden_size],
+        )?;
         let dev = word.device().clone();
         let mut rng = SeededRng::fork(seed, "classifier-head");
         let head_w =
@@ -164,6 +178,7 @@ impl BertClassifier {
             typ,
             emb_ln,
             layers,
+            pooler,
             head_w,
             head_b,
         })
@@ -223,6 +238,11 @@ impl BertClassifier {
                 w.insert(format!("encoder.layer.{l}.{ln}.bias"), zeros.clone());
             }
         }
+        w.insert(
+            "pooler.dense.weight",
+            rng.normal_tensor((h, h), 1.0 / (h as f32).sqrt(), device)?,
+        );
+        w.insert("pooler.dense.bias", zeros.clone());
         BertClassifier::from_weights(cfg, w, num_labels, seed)
     }
 
@@ -302,7 +322,8 @@ impl BertClassifier {
         Ok(x)
     }
 
-    /// Class logits `(batch, labels)` from mean-pooled hidden states.
+    /// Class logits `(batch, labels)`: `classifier(tanh(pooler([CLS])))`, as Hugging Face's
+    /// `BertForSequenceClassification` computes them (its dropout is off in evaluation).
     pub fn logits(
         &self,
         ids: &Tensor,
@@ -310,10 +331,9 @@ impl BertClassifier {
         rng: Option<&mut SeededRng>,
     ) -> Result<Tensor> {
         let hs = self.encode(ids, mask, rng)?;
-        let m = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
-        let summed = hs.broadcast_mul(&m)?.sum(1)?;
-        let count = m.sum(1)?.clamp(1.0, f64::MAX)?;
-        let pooled = summed.broadcast_div(&count)?;
+        let cls = hs.narrow(1, 0, 1)?.squeeze(1)?;
+        let pooled =
+            crate::ops::frozen_linear(&cls, &self.pooler.0, Some(&self.pooler.1))?.tanh()?;
         Ok(pooled
             .matmul(&self.head_w.as_tensor().t()?)?
             .broadcast_add(self.head_b.as_tensor())?)

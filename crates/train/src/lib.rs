@@ -41,6 +41,7 @@ pub mod bert;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod federated;
 pub mod generate;
 pub mod gguf;
 pub mod llama;

@@ -151,6 +151,48 @@ pub struct LoraPair {
     pub scale: f64,
     /// Dropout on the branch input.
     pub dropout: f32,
+    /// Whether `A` is trained (false: frozen, as `frozen-a` and alternate rounds of federated
+    /// aggregation need; no gradient is computed for it).
+    pub train_a: bool,
+    /// Whether `B` is trained.
+    pub train_b: bool,
+}
+
+impl LoraPair {
+    /// A pair from given factors `A (r, in)` and `B (out, r)` (a federated start point).
+    pub fn from_factors(
+        a: &Tensor,
+        b: &Tensor,
+        scale: f64,
+        dropout: f32,
+        train_a: bool,
+        train_b: bool,
+    ) -> Result<Self> {
+        let (r, _) = a.dims2()?;
+        let (_, rb) = b.dims2()?;
+        if r != rb || r == 0 {
+            return Err(TrainError::invalid(format!(
+                "LoRA factors of ranks {r} and {rb} do not fit together"
+            )));
+        }
+        Ok(LoraPair {
+            a: Var::from_tensor(a)?,
+            b: Var::from_tensor(b)?,
+            scale,
+            dropout,
+            train_a,
+            train_b,
+        })
+    }
+
+    /// The factor as the forward pass uses it: detached when frozen, so backward skips it.
+    fn factor(v: &Var, trained: bool) -> Tensor {
+        if trained {
+            v.as_tensor().clone()
+        } else {
+            v.as_tensor().detach()
+        }
+    }
 }
 
 /// A linear layer with a frozen base and an optional LoRA pair.
@@ -188,6 +230,8 @@ impl LoraLinear {
             b: Var::from_tensor(&b)?,
             scale: cfg.scale(),
             dropout: cfg.dropout,
+            train_a: true,
+            train_b: true,
         });
         Ok(())
     }
@@ -205,8 +249,10 @@ impl LoraLinear {
             _ => x.clone(),
         };
         // Rank-r bottleneck first: (.., in)·Aᵀ is cheap, then ·Bᵀ.
-        let h = xin.broadcast_matmul(&l.a.as_tensor().t()?)?;
-        let d = h.broadcast_matmul(&l.b.as_tensor().t()?)?;
+        let a = LoraPair::factor(&l.a, l.train_a);
+        let b = LoraPair::factor(&l.b, l.train_b);
+        let h = xin.broadcast_matmul(&a.t()?)?;
+        let d = h.broadcast_matmul(&b.t()?)?;
         Ok((y + (d * l.scale)?)?)
     }
 

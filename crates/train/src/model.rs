@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor, Var};
 use crate::bert::{self, BertClassifier};
 use crate::data::{asset, collate, encode_class, encode_gen, Batch, Dataset, Encoded, Example};
 use crate::llama::{self, Llama};
-use crate::lora::{LoraConfig, Target};
+use crate::lora::{LoraConfig, LoraLinear, Target};
 use crate::rng::SeededRng;
 use crate::tokenizer::{BpeTokenizer, WordPiece};
 use crate::{Result, TrainError};
@@ -249,44 +249,93 @@ impl LoadedModel {
         }
     }
 
-    /// Trainable parameters with their PEFT names, in a stable order: layer by layer, projections
-    /// in [`Target`] order, `lora_A` before `lora_B`, then the classifier head (BERT).
-    pub fn trainable(&self) -> Vec<(String, Var)> {
+    /// Every adaptable projection with its PEFT module name and target, layer by layer in
+    /// [`Target`] order (BERT: [`bert::LAYER_TARGETS`] order).
+    pub fn projections(&self) -> Vec<(String, Target, &LoraLinear)> {
         let mut out = Vec::new();
         match &self.net {
             Net::Llama(m) => {
                 for (l, layer) in m.layers.iter().enumerate() {
                     for (t, p) in Target::ALL.iter().zip(layer.proj.iter()) {
-                        if let Some(lp) = &p.lora {
-                            let base = format!(
-                                "base_model.model.model.layers.{l}.{}",
-                                llama::hf_module(*t)
-                            );
-                            out.push((format!("{base}.lora_A.weight"), lp.a.clone()));
-                            out.push((format!("{base}.lora_B.weight"), lp.b.clone()));
-                        }
+                        let name =
+                            format!("base_model.model.model.layers.{l}.{}", llama::hf_module(*t));
+                        out.push((name, *t, p));
                     }
                 }
             }
             Net::Bert(m) => {
                 for (l, layer) in m.layers.iter().enumerate() {
                     for (t, p) in bert::LAYER_TARGETS.iter().zip(layer.proj.iter()) {
-                        if let Some(lp) = &p.lora {
-                            let module = bert::hf_module(*t).unwrap_or_default();
-                            let base = format!("base_model.model.bert.encoder.layer.{l}.{module}");
-                            out.push((format!("{base}.lora_A.weight"), lp.a.clone()));
-                            out.push((format!("{base}.lora_B.weight"), lp.b.clone()));
-                        }
+                        let module = bert::hf_module(*t).unwrap_or_default();
+                        let name = format!("base_model.model.bert.encoder.layer.{l}.{module}");
+                        out.push((name, *t, p));
                     }
                 }
-                out.push((
-                    "base_model.model.classifier.weight".into(),
-                    m.head_w.clone(),
-                ));
-                out.push(("base_model.model.classifier.bias".into(), m.head_b.clone()));
             }
         }
         out
+    }
+
+    /// [`LoadedModel::projections`], mutable.
+    pub fn projections_mut(&mut self) -> Vec<(String, Target, &mut LoraLinear)> {
+        let mut out = Vec::new();
+        match &mut self.net {
+            Net::Llama(m) => {
+                for (l, layer) in m.layers.iter_mut().enumerate() {
+                    for (t, p) in Target::ALL.iter().zip(layer.proj.iter_mut()) {
+                        let name =
+                            format!("base_model.model.model.layers.{l}.{}", llama::hf_module(*t));
+                        out.push((name, *t, p));
+                    }
+                }
+            }
+            Net::Bert(m) => {
+                for (l, layer) in m.layers.iter_mut().enumerate() {
+                    for (t, p) in bert::LAYER_TARGETS.iter().zip(layer.proj.iter_mut()) {
+                        let module = bert::hf_module(*t).unwrap_or_default();
+                        let name = format!("base_model.model.bert.encoder.layer.{l}.{module}");
+                        out.push((name, *t, p));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Every adapter parameter with its PEFT name and whether it is trained, in a stable order:
+    /// layer by layer, projections in [`Target`] order, `lora_A` before `lora_B`, then the
+    /// classifier head (BERT). Frozen factors (federated rules) are listed too.
+    pub fn adapter_params(&self) -> Vec<(String, Var, bool)> {
+        let mut out = Vec::new();
+        for (base, _, p) in self.projections() {
+            if let Some(lp) = &p.lora {
+                out.push((format!("{base}.lora_A.weight"), lp.a.clone(), lp.train_a));
+                out.push((format!("{base}.lora_B.weight"), lp.b.clone(), lp.train_b));
+            }
+        }
+        if let Net::Bert(m) = &self.net {
+            out.push((
+                "base_model.model.classifier.weight".into(),
+                m.head_w.clone(),
+                true,
+            ));
+            out.push((
+                "base_model.model.classifier.bias".into(),
+                m.head_b.clone(),
+                true,
+            ));
+        }
+        out
+    }
+
+    /// The parameters the optimizer updates, with their PEFT names ([`LoadedModel::adapter_params`]
+    /// without the frozen ones).
+    pub fn trainable(&self) -> Vec<(String, Var)> {
+        self.adapter_params()
+            .into_iter()
+            .filter(|(_, _, trained)| *trained)
+            .map(|(n, v, _)| (n, v))
+            .collect()
     }
 
     /// Pad id of the tokenizer.
