@@ -272,6 +272,67 @@ impl NamedTensors {
     }
 }
 
+/// Magic bytes of encoded named tensors.
+const NAMED_MAGIC: &[u8; 8] = b"FLTENSOR";
+
+impl NamedTensors {
+    /// A self-describing encoding: magic, a little-endian u32 JSON header length, the header
+    /// (names and shapes), then the values as f32 little-endian (used for checkpoints).
+    pub fn encode(&self) -> Vec<u8> {
+        let header: Vec<(&str, &Vec<usize>)> = self
+            .entries
+            .iter()
+            .map(|(n, t)| (n.as_str(), &t.shape))
+            .collect();
+        // Plain strings and integers always serialize.
+        let json = serde_json::to_vec(&header).unwrap_or_default();
+        let mut out = Vec::with_capacity(12 + json.len() + 4 * self.value_count());
+        out.extend_from_slice(NAMED_MAGIC);
+        out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        out.extend_from_slice(&json);
+        for (_, t) in &self.entries {
+            for v in &t.data {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// Decodes [`NamedTensors::encode`]; malformed input is a typed error.
+    pub fn decode(bytes: &[u8]) -> Result<Self, AggregateError> {
+        let bad = |m: &str| AggregateError::Encoding(m.to_string());
+        if bytes.len() < 12 || &bytes[..8] != NAMED_MAGIC {
+            return Err(bad("not encoded tensors (bad magic)"));
+        }
+        let hlen = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize;
+        if 12 + hlen > bytes.len() {
+            return Err(bad("header length out of range"));
+        }
+        let header: Vec<(String, Vec<usize>)> = serde_json::from_slice(&bytes[12..12 + hlen])
+            .map_err(|e| AggregateError::Encoding(format!("header: {e}")))?;
+        let mut body = &bytes[12 + hlen..];
+        let mut out = NamedTensors::new();
+        for (name, shape) in header {
+            let n = shape
+                .iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .filter(|n| n.checked_mul(4).is_some_and(|b| b <= body.len()))
+                .ok_or_else(|| bad("tensor sizes exceed the encoded values"))?;
+            let (vals, rest) = body.split_at(4 * n);
+            body = rest;
+            let data = vals
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            out.insert(name, Tensor { shape, data });
+        }
+        if !body.is_empty() {
+            return Err(bad("trailing bytes after the last tensor"));
+        }
+        Ok(out)
+    }
+}
+
 impl FromIterator<(String, Tensor)> for NamedTensors {
     fn from_iter<I: IntoIterator<Item = (String, Tensor)>>(iter: I) -> Self {
         let mut out = NamedTensors::new();
@@ -308,6 +369,17 @@ mod tests {
             }
         }
         assert!(a.matmul_scaled(&a, 1.0).is_err());
+    }
+
+    #[test]
+    fn named_tensors_encode_and_decode() {
+        let mut t = NamedTensors::new();
+        t.insert("a", m(2, 3, |i, j| (i + j) as f32));
+        t.insert("b", Tensor::zeros(&[4]));
+        let bytes = t.encode();
+        assert_eq!(NamedTensors::decode(&bytes).expect("decode"), t);
+        assert!(NamedTensors::decode(&bytes[..bytes.len() - 1]).is_err());
+        assert!(NamedTensors::decode(b"FLTENSOR\x05\0\0\0[[\"x\"").is_err());
     }
 
     #[test]

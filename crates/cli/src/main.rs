@@ -15,9 +15,11 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+mod federate;
 mod limits;
 mod output;
 mod privacy_cmd;
+mod progress;
 mod service_cmd;
 mod simulate;
 mod threads;
@@ -41,6 +43,9 @@ struct Cli {
 // Each subcommand lives in its own module; add a variant here and an arm in `main` below.
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Federated LoRA fine-tuning in one process: N clients, R rounds, an aggregation rule, plain
+    /// sums, SecAgg+ or SecAgg+ with distributed DP.
+    Federate(Box<federate::args::FederateArgs>),
     /// Privacy accountant: epsilon for a noise multiplier, or the noise for a target epsilon.
     Privacy(privacy_cmd::PrivacyArgs),
     /// Run one secure-aggregation round in memory (real crypto) and report error, time and bytes.
@@ -67,6 +72,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let json = cli.json;
     let result: anyhow::Result<()> = match cli.command {
+        Command::Federate(args) => federate::run(*args, json),
         Command::Privacy(args) => privacy_cmd::run(args, json),
         Command::Simulate(args) => simulate::run(args, json),
         Command::Limits(args) => limits::run(args, json),

@@ -21,31 +21,31 @@ pub struct CommonArgs {
     /// Hugging Face directory (config.json, *.safetensors, tokenizer.json). Default: minilm for
     /// classification tasks, smollm2 for generation tasks.
     #[arg(long)]
-    model: Option<String>,
+    pub(crate) model: Option<String>,
     /// CPU threads for candle (default: 1 on machines with up to 4 cores, where more threads are
     /// slower; half the cores above that). RAYON_NUM_THREADS is honoured when this is absent.
     #[arg(long)]
-    threads: Option<usize>,
+    pub(crate) threads: Option<usize>,
     /// Device: cpu, or cuda (needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
-    device: String,
+    pub(crate) device: String,
     /// Seed for the data split, adapter initialisation, shuffling and dropout.
     #[arg(long, default_value_t = 0)]
-    seed: u64,
+    pub(crate) seed: u64,
     /// Token limit per example (longer inputs are truncated).
     #[arg(long)]
-    max_len: Option<usize>,
+    pub(crate) max_len: Option<usize>,
 }
 
 impl CommonArgs {
     /// Configures candle's CPU threads (`--threads`) and opens `--device`.
-    fn threads_and_device(&self) -> anyhow::Result<(usize, candle_device::Device)> {
+    pub(crate) fn threads_and_device(&self) -> anyhow::Result<(usize, candle_device::Device)> {
         let threads = configure_threads(self.threads);
         Ok((threads, device(&self.device)?))
     }
 
     /// `--max-len`, or the task's default.
-    fn max_len_for(&self, task: &TaskSpec) -> usize {
+    pub(crate) fn max_len_for(&self, task: &TaskSpec) -> usize {
         self.max_len.unwrap_or_else(|| default_max_len(task))
     }
 }

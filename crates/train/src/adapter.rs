@@ -181,7 +181,8 @@ pub fn unflatten(
     Ok(out)
 }
 
-fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+/// Writes `path` through a temporary file and a rename, so a crash never leaves it half-written.
+pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let r = write(&tmp);
     if r.is_err() {

@@ -202,7 +202,8 @@ impl FederatedModel {
             .collect()
     }
 
-    fn device(&self) -> Device {
+    /// The device the model lives on.
+    pub fn device(&self) -> Device {
         match &self.model.net {
             Net::Llama(m) => m.device().clone(),
             Net::Bert(m) => m.device().clone(),
@@ -230,6 +231,106 @@ pub fn epochs_config(base: &TrainConfig, examples: usize, epochs: f64) -> Result
         warmup_steps: base.warmup_steps.min(steps / 10),
         ..base.clone()
     })
+}
+
+/// The IID split of the merge-count study: `examples` indices shuffled with `seed` and dealt into
+/// `clients` disjoint shares whose sizes differ by at most one (so no example is dropped and the
+/// total training data is the same for every `clients`).
+pub fn iid_shards(examples: usize, clients: usize, seed: u64) -> Result<Vec<Vec<usize>>> {
+    if clients == 0 {
+        return Err(TrainError::invalid("at least one client is needed"));
+    }
+    if clients > examples {
+        return Err(TrainError::invalid(format!(
+            "{clients} clients but only {examples} training examples: every client needs at least one (lower --clients or raise --train-examples)"
+        )));
+    }
+    let mut order: Vec<usize> = (0..examples).collect();
+    crate::rng::SeededRng::fork(seed, "iid-shards").shuffle(&mut order);
+    let mut shards = vec![Vec::with_capacity(examples / clients + 1); clients];
+    for (k, i) in order.into_iter().enumerate() {
+        shards[k % clients].push(i);
+    }
+    Ok(shards)
+}
+
+/// What a PEFT export of a global state wrote.
+#[derive(Debug, Clone, serde::Serialize, PartialEq)]
+pub struct ExportReport {
+    /// The PEFT adapter directory.
+    pub dir: std::path::PathBuf,
+    /// `exact` rule: the merged update of each frozen weight (safetensors, PEFT module names
+    /// with `.weight`), next to the adapter.
+    pub merged_delta: Option<std::path::PathBuf>,
+    /// `exact` rule: relative Frobenius error of the rank-r truncation over all layers,
+    /// `‖ΔW − s·B·A‖ / ‖ΔW‖`.
+    pub truncation_error: Option<f64>,
+}
+
+/// File name of the `exact` rule's merged update.
+pub const MERGED_DELTA_FILE: &str = "merged_delta.safetensors";
+
+/// Writes `state` as a PEFT adapter into `dir` (files written atomically). For `exact`, the merged
+/// update is written whole (`merged_delta.safetensors`) and the adapter is its best rank-r
+/// truncation (the layout's rank), with the truncation error reported. `share-a` has no global
+/// model: its export holds the shared `A` with `B = 0` (each client's own adapter completes it).
+pub fn export_peft(
+    fm: &mut FederatedModel,
+    state: &agg::GlobalState,
+    lora: &LoraConfig,
+    dir: &std::path::Path,
+) -> Result<ExportReport> {
+    let layout = state.layout.clone();
+    let rule = state.rule.rule();
+    let profile = agg::ClientProfile {
+        rank: layout.rank,
+        weight: 1,
+    };
+    let mut start = rule.start(state, &profile, None).map_err(agg_err)?;
+    let mut report = ExportReport {
+        dir: dir.to_path_buf(),
+        merged_delta: None,
+        truncation_error: None,
+    };
+    std::fs::create_dir_all(dir)
+        .map_err(|e| TrainError::io(format!("creating {}", dir.display()), e))?;
+    if state.rule == agg::RuleKind::Exact {
+        let device = fm.device();
+        let (mut err_sq, mut total_sq) = (0f64, 0f64);
+        let mut deltas = std::collections::HashMap::new();
+        for (i, l) in layout.layers.iter().enumerate() {
+            let delta = state.tensors.require(&l.delta_name()).map_err(agg_err)?;
+            let t = agg::svd::truncate(delta, layout.rank, layout.scale(), state.seed ^ i as u64)
+                .map_err(agg_err)?;
+            let norm = delta.norm_sq();
+            err_sq += t.relative_error * t.relative_error * norm;
+            total_sq += norm;
+            start.adapter.insert(l.a_name(), t.a);
+            start.adapter.insert(l.b_name(), t.b);
+            let hf = l.module.trim_start_matches("base_model.model.");
+            deltas.insert(format!("{hf}.weight"), to_candle(delta, &device)?);
+        }
+        start.base_delta = agg::NamedTensors::new();
+        let path = dir.join(MERGED_DELTA_FILE);
+        crate::adapter::write_atomic(&path, |p| {
+            candle_core::safetensors::save(&deltas, p)
+                .map_err(|e| TrainError::BadModel(format!("writing {}: {e}", p.display())))
+        })?;
+        report.merged_delta = Some(path);
+        report.truncation_error = Some(if total_sq > 0.0 {
+            (err_sq / total_sq).sqrt()
+        } else {
+            0.0
+        });
+    }
+    fm.load(&start)?;
+    let cfg = LoraConfig {
+        r: layout.rank,
+        alpha: layout.alpha,
+        ..lora.clone()
+    };
+    crate::adapter::save_adapter(&fm.model, &cfg, dir)?;
+    Ok(report)
 }
 
 #[cfg(test)]
@@ -291,6 +392,41 @@ mod tests {
             .to_vec1::<f32>()
             .expect("v");
         assert!((diff[0] - 1.5).abs() < 1e-6 && diff[1..].iter().all(|x| x.abs() < 1e-6));
+    }
+
+    #[test]
+    fn iid_shards_are_disjoint_near_equal_and_cover_everything() {
+        let s = iid_shards(10, 3, 4).expect("shards");
+        let mut all: Vec<usize> = s.iter().flatten().copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..10).collect::<Vec<_>>());
+        assert_eq!(s.iter().map(Vec::len).collect::<Vec<_>>(), vec![4, 3, 3]);
+        assert_eq!(s, iid_shards(10, 3, 4).expect("again"));
+        let e = iid_shards(3, 4, 0).expect_err("too many clients");
+        assert!(e.to_string().contains("only 3 training examples"), "{e}");
+    }
+
+    #[test]
+    fn an_exact_export_truncates_the_merged_update_and_reports_the_error() {
+        let (model, lora) = tiny();
+        let layout = adapter_layout(&model, &lora, &[]).expect("layout");
+        let mut g = agg::GlobalState::initial(layout.clone(), agg::RuleKind::Exact, 3).expect("g");
+        // A rank-1 merged update: the rank-4 truncation is exact.
+        for l in &layout.layers {
+            let d = g.tensors.get_mut(&l.delta_name()).expect("delta");
+            for i in 0..l.out {
+                for j in 0..l.inp {
+                    d.data[i * l.inp + j] = (i as f32 + 1.0) * 0.01 * (j as f32 - 2.0);
+                }
+            }
+        }
+        let mut fm = FederatedModel::new(model, layout, 0.0).expect("fm");
+        let dir = std::env::temp_dir().join(format!("fedlora-export-{}", std::process::id()));
+        let rep = export_peft(&mut fm, &g, &lora, &dir).expect("export");
+        assert!(rep.truncation_error.expect("error") < 1e-4);
+        assert!(dir.join(MERGED_DELTA_FILE).exists());
+        assert!(dir.join(crate::adapter::WEIGHTS_FILE).exists());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
