@@ -24,6 +24,7 @@
 
 pub mod init;
 pub mod layout;
+pub mod peft;
 pub mod reference;
 pub mod rule;
 pub mod rules;

@@ -46,6 +46,9 @@ enum Command {
     /// Federated LoRA fine-tuning in one process: N clients, R rounds, an aggregation rule, plain
     /// sums, SecAgg+ or SecAgg+ with distributed DP.
     Federate(Box<federate::args::FederateArgs>),
+    /// Write the adapter layout (model, LoRA shapes, head) a federation's server names in its
+    /// `[federation]` section.
+    Layout(federate::layout_cmd::LayoutArgs),
     /// Privacy accountant: epsilon for a noise multiplier, or the noise for a target epsilon.
     Privacy(privacy_cmd::PrivacyArgs),
     /// Run one secure-aggregation round in memory (real crypto) and report error, time and bytes.
@@ -73,6 +76,7 @@ fn main() -> std::process::ExitCode {
     let json = cli.json;
     let result: anyhow::Result<()> = match cli.command {
         Command::Federate(args) => federate::run(*args, json),
+        Command::Layout(args) => federate::layout_cmd::run(args, json),
         Command::Privacy(args) => privacy_cmd::run(args, json),
         Command::Simulate(args) => simulate::run(args, json),
         Command::Limits(args) => limits::run(args, json),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use fedlora_secagg::Stage;
-use fedlora_service::client::{run_client, ClientOptions, ClientRunError};
+use fedlora_service::client::{run_client_with, ClientOptions, ClientRunError};
 use fedlora_service::clock::SystemClock;
 use fedlora_service::config::{ClientConfig, ServerConfig};
 use fedlora_service::demo::{run_demo, DemoOptions};
@@ -95,25 +95,56 @@ pub struct ClientArgs {
 /// `fedlora demo`.
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Number of clients.
-    #[arg(long, default_value_t = 5)]
-    pub clients: u32,
-    /// Adapter parameters per client.
-    #[arg(long, default_value_t = 10_000)]
-    pub parameters: u32,
+    /// Number of clients (default 4; 5 with --synthetic).
+    #[arg(long)]
+    pub clients: Option<u32>,
     /// Rounds.
     #[arg(long, default_value_t = 2)]
     pub rounds: u64,
-    /// Working directory (kept afterwards); default: a temporary one, removed afterwards.
+    /// Working directory (kept afterwards, with the global adapter); default: a temporary one,
+    /// removed afterwards.
     #[arg(long)]
     pub dir: Option<PathBuf>,
-    /// Per-stage deadline in milliseconds.
-    #[arg(long, default_value_t = 30_000)]
-    pub stage_timeout_ms: u64,
-    /// Also measure raw quinn loopback throughput with this many MB (benchmark baseline).
+    /// Aggregation rule (fedavg, frozen-a, exact, share-a, alternate).
+    #[arg(long, default_value = "fedavg")]
+    pub rule: String,
+    /// Add distributed differential privacy at this epsilon over the run (default: off).
+    #[arg(long)]
+    pub epsilon: Option<f64>,
+    /// Training emails in all, dealt among the clients.
+    #[arg(long, default_value_t = 800)]
+    pub train_examples: usize,
+    /// Held-out emails in all, dealt among the clients.
+    #[arg(long, default_value_t = 400)]
+    pub eval_examples: usize,
+    /// Tokens per email.
+    #[arg(long, default_value_t = 64)]
+    pub max_len: usize,
+    /// Local epochs per round.
+    #[arg(long, default_value_t = 1.0)]
+    pub local_epochs: f64,
+    /// Learning rate of local training.
+    #[arg(long, default_value_t = 2e-3)]
+    pub lr: f64,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Log every protocol step (RUST_LOG overrides).
+    #[arg(short, long)]
+    pub verbose: bool,
+    /// The service benchmark's demo instead: synthetic vectors, checked against their plain mean.
+    #[arg(long)]
+    pub synthetic: bool,
+    /// --synthetic: adapter parameters per client.
+    #[arg(long)]
+    pub parameters: Option<u32>,
+    /// --synthetic: per-stage deadline in milliseconds.
+    #[arg(long)]
+    pub stage_timeout_ms: Option<u64>,
+    /// --synthetic: also measure raw quinn loopback throughput with this many MB.
     #[arg(long)]
     pub baseline_mb: Option<u64>,
-    /// Benchmark: clients finish masking, then upload together (isolates server ingest).
+    /// --synthetic: clients finish masking, then upload together (isolates server ingest).
     #[arg(long)]
     pub synchronized_upload: bool,
 }
@@ -225,8 +256,17 @@ pub fn run_client_cmd(args: ClientArgs, json: bool) -> anyhow::Result<()> {
         fail_mid_upload: args.fail_mid_upload,
         upload_barrier: None,
     };
+    // A [train] section: load its data and model now, so a bad setting is reported before
+    // connecting.
+    let contributor: Option<Box<dyn fedlora_service::federated::Contributor>> = match &cfg.train {
+        Some(t) => Some(Box::new(
+            crate::federate::contributor::TrainContributor::new(t)
+                .with_context(|| format!("{}: [train]", args.config.display()))?,
+        )),
+        None => None,
+    };
     let rt = fedlora_service::runtime()?;
-    match rt.block_on(run_client(&cfg, &opts)) {
+    match rt.block_on(run_client_with(&cfg, &opts, contributor)) {
         Ok(report) => emit(
             json,
             || {
@@ -252,14 +292,53 @@ pub fn run_client_cmd(args: ClientArgs, json: bool) -> anyhow::Result<()> {
 
 /// Runs `fedlora demo`.
 pub fn run_demo_cmd(args: DemoArgs, json: bool) -> anyhow::Result<()> {
-    fedlora_service::logging::init("info");
+    fedlora_service::logging::init(if args.verbose { "info" } else { "warn" });
+    if args.synthetic {
+        return run_synthetic_demo(args, json);
+    }
+    if args.parameters.is_some()
+        || args.stage_timeout_ms.is_some()
+        || args.baseline_mb.is_some()
+        || args.synchronized_upload
+    {
+        anyhow::bail!("--parameters, --stage-timeout-ms, --baseline-mb and --synchronized-upload are for --synthetic");
+    }
+    let keep = args.dir.clone();
+    let demo = crate::federate::demo::FedDemo {
+        clients: args.clients.unwrap_or(4),
+        rounds: args.rounds,
+        rule: args.rule,
+        epsilon: args.epsilon,
+        train_examples: args.train_examples,
+        eval_examples: args.eval_examples,
+        max_len: args.max_len,
+        local_epochs: args.local_epochs,
+        lr: args.lr,
+        seed: args.seed,
+        dir: args.dir,
+    };
+    let report = crate::federate::demo::run(demo)?;
+    emit(
+        json,
+        || crate::federate::demo::human(&report, keep.as_deref()),
+        &report,
+    )?;
+    if !report.aborted_rounds.is_empty() {
+        return Err(Reported(format!("rounds {:?} aborted", report.aborted_rounds)).into());
+    }
+    Ok(())
+}
+
+/// `fedlora demo --synthetic`: secure rounds on synthetic vectors, each aggregate checked against
+/// the plain mean (the service benchmark's demo).
+fn run_synthetic_demo(args: DemoArgs, json: bool) -> anyhow::Result<()> {
     let keep = args.dir.is_some();
     let opts = DemoOptions {
-        clients: args.clients,
-        parameters: args.parameters,
+        clients: args.clients.unwrap_or(5),
+        parameters: args.parameters.unwrap_or(10_000),
         rounds: args.rounds,
         dir: args.dir,
-        stage_timeout_ms: args.stage_timeout_ms,
+        stage_timeout_ms: args.stage_timeout_ms.unwrap_or(30_000),
         baseline_bytes: args.baseline_mb.map(|mb| mb << 20),
         synchronized_upload: args.synchronized_upload,
         baseline_many_bytes_each: None,

@@ -246,6 +246,10 @@ pub struct EvalArgs {
     /// Generation tasks: token limit of each generated answer.
     #[arg(long, default_value_t = 200)]
     max_new_tokens: usize,
+    /// Classification: write each held-out example with its label and the predicted label here
+    /// (JSONL `{"text", "label", "prediction"}`), to check the adapter in another implementation.
+    #[arg(long)]
+    predictions: Option<PathBuf>,
 }
 
 /// Runs `fedlora eval`.
@@ -275,9 +279,26 @@ pub fn run_eval(args: EvalArgs, json: bool) -> anyhow::Result<()> {
         max_new_tokens: args.max_new_tokens,
         progress: true,
     };
+    if args.predictions.is_some() && !model.is_classifier() {
+        anyhow::bail!("--predictions is for classification tasks");
+    }
     let eval_start = Instant::now();
-    let rep = evaluate(&model, &data, &test, &cfg)?;
+    let mut preds = Vec::new();
+    let rep = if args.predictions.is_some() {
+        fedlora_train::eval::classify_with_predictions(
+            &model,
+            &test,
+            cfg.batch_size,
+            cfg.progress,
+            Some(&mut preds),
+        )?
+    } else {
+        evaluate(&model, &data, &test, &cfg)?
+    };
     let secs = eval_start.elapsed().as_secs_f64();
+    if let Some(path) = &args.predictions {
+        write_predictions(path, &data, &preds)?;
+    }
     let tokens: usize = test.iter().map(|e| e.ids.len()).sum();
     let value = serde_json::json!({
         "task": data.name,
@@ -314,6 +335,25 @@ pub fn run_eval(args: EvalArgs, json: bool) -> anyhow::Result<()> {
         },
         &value,
     )
+}
+
+/// Writes `{"text", "label", "prediction"}` per held-out example, atomically.
+fn write_predictions(
+    path: &std::path::Path,
+    data: &fedlora_train::data::Dataset,
+    preds: &[u32],
+) -> anyhow::Result<()> {
+    use fedlora_train::data::Example;
+    let mut out = String::new();
+    for (ex, p) in data.test.iter().zip(preds) {
+        if let Example::Class { text, label } = ex {
+            out.push_str(&serde_json::to_string(&serde_json::json!({
+                "text": text, "label": label, "prediction": p,
+            }))?);
+            out.push('\n');
+        }
+    }
+    crate::federate::store::write_atomic(path, out.as_bytes())
 }
 
 /// Arguments of `fedlora generate`.

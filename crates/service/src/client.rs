@@ -17,6 +17,8 @@ use tracing::{info, warn};
 
 use crate::auth::Ed25519Authenticator;
 use crate::config::{ClientConfig, ConfigError, InputConfig};
+use crate::federated::{Contributor, Purpose};
+use crate::federated_client::{public_tail, take_input, FedClient, Pending};
 use crate::framing::{frame_head, Header, Kind, SERVER};
 use crate::identity::{IdentityKey, PublicIdentity};
 use crate::session::{stage_code, ClientSession, RoundStart, SessionError, PAYLOAD_OFFSET};
@@ -42,6 +44,11 @@ pub enum ClientRunError {
     /// The privacy section is invalid.
     #[error("privacy: {0}")]
     Privacy(#[from] fedlora_dp::ConfigError),
+    /// The server started a federated round and this client has nothing to train with.
+    #[error(
+        "the server runs federated fine-tuning; this client needs a [train] section to take part"
+    )]
+    NoTrainer,
 }
 
 /// Test and benchmark knobs not in the config file.
@@ -108,6 +115,12 @@ struct Current {
     lost_start: u64,
     lost_now: u64,
     result: Option<ClientRound>,
+    /// The round's setup, once received.
+    setup: Option<fedlora_secagg::wire::RoundSetup>,
+    /// What the round is for.
+    purpose: Purpose,
+    /// Federated rounds: the local training or evaluation under way.
+    pending: Option<Pending>,
 }
 
 /// The client's synthetic input for a round: `len` values in [-0.5, 0.5), determined by
@@ -155,7 +168,18 @@ pub async fn run_client(
     cfg: &ClientConfig,
     opts: &ClientOptions,
 ) -> Result<ClientReport, ClientRunError> {
+    run_client_with(cfg, opts, None).await
+}
+
+/// [`run_client`] for federated fine-tuning: `contributor` trains and scores each round's global
+/// state (protocol-spec §8.9).
+pub async fn run_client_with(
+    cfg: &ClientConfig,
+    opts: &ClientOptions,
+    contributor: Option<Box<dyn Contributor>>,
+) -> Result<ClientReport, ClientRunError> {
     let mut run = Run {
+        fed: contributor.map(FedClient::new),
         cfg,
         opts,
         identity: Arc::new(cfg.identity.load()?),
@@ -216,6 +240,7 @@ fn reconnect_delay(base_ms: u64, failures: u32) -> Duration {
 
 /// One client run across (re)connections.
 struct Run<'a> {
+    fed: Option<FedClient>,
     cfg: &'a ClientConfig,
     opts: &'a ClientOptions,
     identity: Arc<IdentityKey>,
@@ -307,8 +332,16 @@ impl Run<'_> {
                         round = h.round,
                         client_id = h.sender,
                         clients = peers.len(),
+                        purpose = ?start.purpose,
                         "invited to round"
                     );
+                    let pending = match start.purpose {
+                        Purpose::Vector => None,
+                        _ => {
+                            let fed = self.fed.as_ref().ok_or(ClientRunError::NoTrainer)?;
+                            Some(fed.start(&start).map_err(SessionError::Violation)?)
+                        }
+                    };
                     let stats = s.conn.stats();
                     let (udp_tx_start, lost_start) = (stats.udp_tx.bytes, stats.path.lost_packets);
                     self.current = Some(Current {
@@ -323,6 +356,9 @@ impl Run<'_> {
                         lost_start,
                         lost_now: lost_start,
                         result: None,
+                        setup: None,
+                        purpose: start.purpose,
+                        pending,
                     });
                 }
                 Kind::Protocol => {
@@ -340,19 +376,35 @@ impl Run<'_> {
                             warn!("protocol message before setup; ignored");
                             continue;
                         };
-                        let len = fedlora_secagg::manifest_len(&setup.manifest) as usize;
-                        let mut input = load_input(&self.cfg.input, cur.round, len)?;
-                        // Differential privacy: clip the whole contribution in L2 norm before it is
-                        // quantized (protocol-spec §7.2).
-                        if let Some(c) = self.privacy.as_ref().and_then(|p| p.clip_norm) {
-                            fedlora_dp::clip_l2(&mut input.values, c)
-                                .map_err(|e| ClientRunError::Input(format!("clipping: {e}")))?;
-                        }
                         let auth =
                             Ed25519Authenticator::client(self.identity.clone(), cur.peers.clone());
-                        let mut client = Client::new(cur.id, input, &mut rand::rng())
-                            .with_authenticator(Box::new(auth));
-                        if let Some(p) = &self.privacy {
+                        let mut client = if cur.pending.is_some() {
+                            // Federated: the update is still being trained; it is provided when the
+                            // masked input is due.
+                            if let Some(fed) = &self.fed {
+                                fed.check_setup(cur.purpose, setup)
+                                    .map_err(SessionError::Violation)?;
+                            }
+                            Client::deferred(cur.id, &mut rand::rng())
+                                .with_noise_free_tail(public_tail(setup))
+                        } else {
+                            let len = fedlora_secagg::manifest_len(&setup.manifest) as usize;
+                            let mut input = load_input(&self.cfg.input, cur.round, len)?;
+                            // Differential privacy: clip the whole contribution in L2 norm before
+                            // it is quantized (protocol-spec §7.2).
+                            if let Some(c) = self.privacy.as_ref().and_then(|p| p.clip_norm) {
+                                fedlora_dp::clip_l2(&mut input.values, c)
+                                    .map_err(|e| ClientRunError::Input(format!("clipping: {e}")))?;
+                            }
+                            Client::new(cur.id, input, &mut rand::rng())
+                        }
+                        .with_authenticator(Box::new(auth));
+                        cur.setup = Some(setup.clone());
+                        if let Some(p) = self
+                            .privacy
+                            .as_ref()
+                            .filter(|_| cur.purpose != Purpose::Eval)
+                        {
                             // This client's own noise share, calibrated from its own config (§7.3).
                             client = client.with_noise(Box::new(fedlora_dp::ClientNoise::new(*p)));
                         }
@@ -365,6 +417,29 @@ impl Run<'_> {
                         ServerMessage::Abort(reason) => Some(reason.to_string()),
                         _ => None,
                     };
+                    if client.input_due() && matches!(msg, ServerMessage::ShareBroadcast(_)) {
+                        // The masked input is next: wait for local training (or scoring).
+                        let provided = match (cur.pending.take(), cur.setup.as_ref()) {
+                            (Some(p), Some(setup)) => {
+                                let clip = self.privacy.as_ref().and_then(|p| p.clip_norm);
+                                take_input(p, setup, clip).await
+                            }
+                            _ => Err("no local work was started for this round".into()),
+                        };
+                        if let Err(e) = provided.and_then(|input| {
+                            client.provide_input(input).map_err(|e| e.to_string())
+                        }) {
+                            warn!(round = cur.round, error = %e, "local training failed; leaving the round");
+                            self.report
+                                .rounds
+                                .push(round_result(cur, "failed", Some(e), None));
+                            self.current = None;
+                            if reached(self.cfg, &self.report) {
+                                break;
+                            }
+                            continue;
+                        }
+                    }
                     if let Err(e) = blocking(|| client.handle_message(msg)) {
                         warn!(round = cur.round, error = %e, "protocol error");
                     }
@@ -436,6 +511,58 @@ impl Run<'_> {
                         }
                     }
                 }
+                Kind::GlobalState if self.fed.is_some() => {
+                    let result_of_eval = self
+                        .current
+                        .as_ref()
+                        .is_some_and(|c| c.round == h.round && c.purpose == Purpose::Eval);
+                    let hex_hash = if result_of_eval {
+                        // An evaluation round's result: the securely summed score.
+                        if payload.len() < 32
+                            || Sha256::digest(&payload[32..]).as_slice() != &payload[..32]
+                        {
+                            return Err(SessionError::Violation(
+                                "global state hash mismatch".into(),
+                            )
+                            .into());
+                        }
+                        hex::encode(&payload[..32])
+                    } else {
+                        let fed = self.fed.as_mut().ok_or(ClientRunError::NoTrainer)?;
+                        let hex_hash = fed
+                            .receive_state(payload)
+                            .map_err(SessionError::Violation)?;
+                        if let Some(dir) = &self.cfg.state_dir {
+                            write_state(dir, h.round, &payload[32..], "fgs")
+                                .map_err(ClientRunError::State)?;
+                        }
+                        info!(round = h.round, sha256 = %hex_hash, bytes = payload.len() - 32, "global state received");
+                        hex_hash
+                    };
+                    match self.current.take() {
+                        Some(mut cur)
+                            if cur.round == h.round
+                                && cur.purpose != Purpose::Vector
+                                && cur.setup.is_some() =>
+                        {
+                            let stats = s.conn.stats();
+                            (cur.udp_tx_now, cur.lost_now) =
+                                (stats.udp_tx.bytes, stats.path.lost_packets);
+                            self.report.rounds.push(round_result(
+                                &cur,
+                                "finished",
+                                None,
+                                Some(hex_hash),
+                            ));
+                            self.fail_before = None;
+                            self.fail_mid_upload = false;
+                        }
+                        other => self.current = other,
+                    }
+                    if reached(self.cfg, &self.report) {
+                        break;
+                    }
+                }
                 Kind::GlobalState => {
                     if payload.len() < 32 || (payload.len() - 32) % 4 != 0 {
                         return Err(SessionError::Violation("malformed global state".into()).into());
@@ -448,7 +575,7 @@ impl Run<'_> {
                     }
                     let hex_hash = hex::encode(hash);
                     if let Some(dir) = &self.cfg.state_dir {
-                        write_state(dir, h.round, state).map_err(ClientRunError::State)?;
+                        write_state(dir, h.round, state, "f32").map_err(ClientRunError::State)?;
                     }
                     info!(round = h.round, sha256 = %hex_hash, values = state.len() / 4, "global state received");
                     match self.current.take() {
@@ -536,10 +663,10 @@ fn round_result(
     }
 }
 
-fn write_state(dir: &Path, round: u64, state: &[u8]) -> std::io::Result<()> {
+fn write_state(dir: &Path, round: u64, state: &[u8], ext: &str) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    crate::store::write_atomic(&dir.join(format!("global-{round:06}.f32")), state)?;
-    crate::store::write_atomic(&dir.join("global-latest.f32"), state)
+    crate::store::write_atomic(&dir.join(format!("global-{round:06}.{ext}")), state)?;
+    crate::store::write_atomic(&dir.join(format!("global-latest.{ext}")), state)
 }
 
 /// Test option `fail_mid_upload`: writes the frame header and half of the masked input, gives

@@ -177,6 +177,10 @@ pub struct ServerConfig {
     /// mode only, the server's own noise. Absent means mode `none`.
     #[serde(default)]
     pub privacy: Option<fedlora_dp::PrivacyConfig>,
+    /// Federated fine-tuning: the aggregation rule, the adapter layout and the training round
+    /// deadlines. Absent: rounds sum raw vectors of `rounds.parameters` values.
+    #[serde(default)]
+    pub federation: Option<crate::federated::FederationSection>,
     /// Enrolled client identities.
     #[serde(default, rename = "client")]
     pub clients: Vec<EnrolledClient>,
@@ -398,6 +402,9 @@ impl ServerConfig {
         }
         fedlora_secagg::derive(&self.protocol.request(r.min_clients))
             .map_err(|e| ConfigError::Invalid(format!("protocol: {e}")))?;
+        if let Some(f) = &self.federation {
+            f.validate()?;
+        }
         self.registry()?;
         Ok(())
     }
@@ -417,6 +424,9 @@ impl ServerConfig {
         self.data_dir = base.join(&self.data_dir);
         self.tls.cert = self.tls.cert.as_ref().map(|p| base.join(p));
         self.tls.key = self.tls.key.as_ref().map(|p| base.join(p));
+        if let Some(f) = self.federation.as_mut() {
+            f.resolve_paths(base);
+        }
     }
 }
 
@@ -460,6 +470,10 @@ pub struct ClientConfig {
     /// Directory where received global states are written (atomically); none when absent.
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
+    /// Federated fine-tuning: what this client trains on and how (needed when the server runs a
+    /// `[federation]`; `[input]` is then unused).
+    #[serde(default)]
+    pub train: Option<crate::federated::TrainSection>,
     /// The federation's enrolled identity keys (hex), obtained out of band. When given, the client
     /// refuses any round whose roster names a key not in this list, so a malicious server cannot
     /// slip in identities of its own to sign substituted keys (protocol-spec §8.3).
@@ -568,6 +582,16 @@ impl ClientConfig {
         if let InputConfig::File { path, .. } = &mut self.input {
             *path = base.join(&*path);
         }
+        if let Some(t) = self.train.as_mut() {
+            // A data file or model directory named relative to the config file.
+            for p in [Some(&mut t.task), t.model.as_mut()].into_iter().flatten() {
+                let candidate = base.join(&*p);
+                if !["spam", "gsm", "minilm", "smollm2"].contains(&p.as_str()) && candidate.exists()
+                {
+                    *p = candidate.display().to_string();
+                }
+            }
+        }
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -590,6 +614,9 @@ impl ClientConfig {
             ));
         }
         self.known_peers()?;
+        if let Some(t) = &self.train {
+            t.validate()?;
+        }
         Ok(())
     }
 

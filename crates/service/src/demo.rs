@@ -190,6 +190,7 @@ pub async fn run_demo(opts: DemoOptions) -> Result<DemoReport, DemoError> {
         receive_window_bytes: opts.receive_window_bytes,
         upload_slots: opts.upload_slots,
         privacy: opts.privacy.clone(),
+        federation: None,
         clients: keys
             .iter()
             .zip(&names)
@@ -245,6 +246,7 @@ pub async fn run_demo(opts: DemoOptions) -> Result<DemoReport, DemoError> {
             reconnect_delay_ms: 1_000,
             max_frame_bytes: crate::framing::DEFAULT_MAX_FRAME,
             state_dir: None,
+            train: None,
             known_peers: keys.iter().map(|k| k.public().to_hex()).collect(),
         };
         let span = tracing::info_span!("client", n = i);

@@ -12,6 +12,8 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod demo;
+pub mod federated;
+pub mod federated_client;
 pub mod framing;
 pub mod identity;
 pub mod logging;

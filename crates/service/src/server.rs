@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 use crate::auth::Ed25519Authenticator;
 use crate::clock::Clock;
 use crate::config::{ConfigError, ServerConfig};
+use crate::federated::{Purpose, ServerFederation, EVAL_CLIP};
 use crate::framing::{
     read_frame, read_frame_len, write_frame, FrameError, Header, Kind, ReplayGuard, HEADER_LEN,
     SERVER,
@@ -87,6 +88,8 @@ pub struct IngestStats {
 pub struct RoundSummary {
     /// Round number.
     pub round: u64,
+    /// `vector`, `train` or `eval`.
+    pub purpose: Purpose,
     /// `finished` or `aborted`.
     pub status: String,
     /// Identity names of the invited clients, by client id.
@@ -122,8 +125,26 @@ pub struct ServerReport {
     pub fingerprint: String,
     /// Rounds found interrupted at start-up and recorded as aborted.
     pub interrupted_rounds: Vec<u64>,
-    /// The rounds run by this process.
+    /// The rounds run by this process (federated: training rounds, each followed by the
+    /// evaluation of its result; the first evaluation scores the initial model).
     pub rounds: Vec<RoundSummary>,
+    /// The federated run, when configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub federation: Option<FederationReport>,
+}
+
+/// What a federated run produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct FederationReport {
+    /// The aggregation rule.
+    pub rule: String,
+    /// The latest global adapter (PEFT format).
+    pub global_dir: String,
+    /// Rounds folded into the global state.
+    pub rounds_folded: u64,
+    /// Securely summed held-out scores: (rounds folded in, metric, loss); the first, at 0 rounds,
+    /// is the initial model's.
+    pub scores: Vec<(u64, f64, f64)>,
 }
 
 /// A frame body ready to write (header + payload), shared between recipients.
@@ -196,6 +217,12 @@ pub async fn serve(
     on_listening: impl FnOnce(&Listening),
 ) -> Result<ServerReport, ServerError> {
     let registry = cfg.registry()?;
+    // The federation's state is read (and checked against the configuration) before anything is
+    // written.
+    let fed = match &cfg.federation {
+        Some(f) => Some(ServerFederation::open(f.clone(), &cfg.data_dir)?),
+        None => None,
+    };
     let (store, interrupted) = Store::open(&cfg.data_dir, clock)?;
     for r in &interrupted {
         warn!(
@@ -264,11 +291,36 @@ pub async fn serve(
         conns: HashMap::new(),
         rx,
         privacy,
+        fed,
     };
     let mut rounds = Vec::new();
-    for _ in 0..co.cfg.rounds.count {
-        rounds.push(co.run_round().await?);
+    if co
+        .fed
+        .as_ref()
+        .is_some_and(|f| f.evaluates() && f.global.round == 0)
+    {
+        // The initial model's score, for comparison with every round after it.
+        let plan = co.eval_plan();
+        rounds.push(co.run_round(plan).await?);
     }
+    for _ in 0..co.cfg.rounds.count {
+        let plan = co.next_plan();
+        let summary = co.run_round(plan).await?;
+        let evaluate = summary.status == "finished"
+            && summary.purpose == Purpose::Train
+            && co.fed.as_ref().is_some_and(ServerFederation::evaluates);
+        rounds.push(summary);
+        if evaluate {
+            let plan = co.eval_plan();
+            rounds.push(co.run_round(plan).await?);
+        }
+    }
+    let federation = co.fed.as_ref().map(|f| FederationReport {
+        rule: f.global.rule.name().into(),
+        global_dir: f.dir().join("latest").display().to_string(),
+        rounds_folded: f.global.round,
+        scores: f.scores.clone(),
+    });
     co.finish().await;
     accept.abort();
     endpoint.close(CLOSE_OK.into(), b"done");
@@ -278,6 +330,7 @@ pub async fn serve(
         fingerprint: hex::encode(listening.fingerprint),
         interrupted_rounds: interrupted,
         rounds,
+        federation,
     })
 }
 
@@ -604,6 +657,24 @@ struct Coordinator {
     rx: mpsc::Receiver<Inbound>,
     /// Accountant and budget across rounds, when a privacy section is configured.
     privacy: Option<fedlora_dp::ServerPrivacy>,
+    /// The federated run (rule, global state), when a federation section is configured.
+    fed: Option<ServerFederation>,
+}
+
+/// What one round sums and how (a raw vector, a federated training round, an evaluation round).
+struct RoundPlan {
+    purpose: Purpose,
+    manifest: Vec<TensorSpec>,
+    clip: f32,
+    weight_bound: u32,
+    /// Differential privacy applies (vectors and training rounds, not evaluation).
+    private: bool,
+    /// Values the noise covers (the manifest less public weight words).
+    noise_dim: u64,
+    /// The encoded global state sent to the participants before the round start, and its hash.
+    global: Option<(Arc<Vec<u8>>, String)>,
+    /// Deadline of the masked-input stage (training rounds: local training happens before it).
+    masked_input_timeout: Option<Duration>,
 }
 
 /// Per-round bookkeeping while the protocol runs.
@@ -969,7 +1040,74 @@ impl Coordinator {
         Some(ids.into_iter().map(|(_, id)| id).collect())
     }
 
-    async fn run_round(&mut self) -> Result<RoundSummary, ServerError> {
+    /// The plan of the next round: a raw vector, or the federation's next training round.
+    fn next_plan(&self) -> RoundPlan {
+        let p = &self.cfg.protocol;
+        match &self.fed {
+            None => RoundPlan {
+                purpose: Purpose::Vector,
+                manifest: vec![TensorSpec {
+                    name: "adapter".into(),
+                    shape: vec![self.cfg.rounds.parameters],
+                }],
+                clip: p.clip,
+                weight_bound: p.weight_bound,
+                private: true,
+                noise_dim: u64::from(self.cfg.rounds.parameters),
+                global: None,
+                masked_input_timeout: None,
+            },
+            Some(f) => {
+                let bytes = f.global.encode();
+                let sha = hex::encode(Sha256::digest(&bytes));
+                RoundPlan {
+                    purpose: Purpose::Train,
+                    // A manifest the rule cannot express (a tensor beyond u32 sizes) is refused
+                    // by the layout's validation first; an empty one aborts the round cleanly.
+                    manifest: f.train_manifest().unwrap_or_default(),
+                    clip: f.section().value_clip,
+                    weight_bound: f.section().weight_bound,
+                    private: true,
+                    noise_dim: f.train_values() - f.public_tail() as u64,
+                    global: Some((Arc::new(bytes), sha)),
+                    masked_input_timeout: Some(Duration::from_millis(f.section().train_timeout_ms)),
+                }
+            }
+        }
+    }
+
+    /// The plan of an evaluation round: clients score the current global state. Before any
+    /// training round clients do not hold it yet, so it is sent with the round start.
+    fn eval_plan(&self) -> RoundPlan {
+        let (bytes, sha, weight_bound) =
+            self.fed
+                .as_ref()
+                .map_or((Vec::new(), String::new(), 1), |f| {
+                    let bytes = f.global.encode();
+                    let sha = hex::encode(Sha256::digest(&bytes));
+                    let send = if f.global.round == 0 {
+                        bytes
+                    } else {
+                        Vec::new()
+                    };
+                    (send, sha, f.section().weight_bound)
+                });
+        RoundPlan {
+            purpose: Purpose::Eval,
+            manifest: ServerFederation::eval_manifest(),
+            clip: EVAL_CLIP,
+            weight_bound,
+            private: false,
+            noise_dim: 0,
+            global: Some((Arc::new(bytes), sha)),
+            masked_input_timeout: self
+                .fed
+                .as_ref()
+                .map(|f| Duration::from_millis(f.section().train_timeout_ms)),
+        }
+    }
+
+    async fn run_round(&mut self, plan: RoundPlan) -> Result<RoundSummary, ServerError> {
         let round = self.store.next_round()?;
         let started = Instant::now();
         info!(round, "waiting for clients");
@@ -982,7 +1120,13 @@ impl Coordinator {
                     self.cfg.rounds.join_timeout_ms
                 ),
             };
-            return self.abort_before_start(round, started, Vec::new(), reason.to_string());
+            return self.abort_before_start(
+                round,
+                plan.purpose,
+                started,
+                Vec::new(),
+                reason.to_string(),
+            );
         };
         let n = members.len() as u32;
         let names: Vec<String> = members
@@ -994,16 +1138,34 @@ impl Coordinator {
             .enumerate()
             .filter_map(|(i, id)| self.conns.get(id).map(|c| (i as u32, c.pk)))
             .collect();
-        let mut params = match fedlora_secagg::derive(&self.cfg.protocol.request(n)) {
+        let mut request = self.cfg.protocol.request(n);
+        request.clip = plan.clip;
+        request.weight_bound = plan.weight_bound;
+        let mut params = match fedlora_secagg::derive(&request) {
             Ok(d) => d.params,
             Err(e) => {
-                return self.abort_before_start(round, started, names, format!("parameters: {e}"))
+                return self.abort_before_start(
+                    round,
+                    plan.purpose,
+                    started,
+                    names,
+                    format!("parameters: {e}"),
+                )
             }
         };
+        if plan.manifest.is_empty() {
+            return self.abort_before_start(
+                round,
+                plan.purpose,
+                started,
+                names,
+                "the rule has nothing to upload".into(),
+            );
+        }
         // Differential privacy: leave ring headroom for the noise, then refuse a round the budget
         // cannot afford before anything is sent (protocol-spec §7.4–§7.5).
-        let dim = u64::from(self.cfg.rounds.parameters);
-        let noise_plan = match &self.privacy {
+        let dim = plan.noise_dim;
+        let noise_plan = match self.privacy.as_ref().filter(|_| plan.private) {
             None => None,
             Some(p) => {
                 let planned = p
@@ -1029,6 +1191,7 @@ impl Coordinator {
                     Err(e) => {
                         return self.abort_before_start(
                             round,
+                            plan.purpose,
                             started,
                             names,
                             format!("privacy: {e}"),
@@ -1037,10 +1200,7 @@ impl Coordinator {
                 }
             }
         };
-        let manifest = vec![TensorSpec {
-            name: "adapter".into(),
-            shape: vec![self.cfg.rounds.parameters],
-        }];
+        let manifest = plan.manifest.clone();
         let config = RoundConfig {
             round,
             nonce: rand::random(),
@@ -1051,13 +1211,19 @@ impl Coordinator {
         let mut proto = match fedlora_secagg::Server::new(config) {
             Ok(s) => s.with_verifier(Box::new(Ed25519Authenticator::verifier(roster.clone()))),
             Err(e) => {
-                return self.abort_before_start(round, started, names, format!("round config: {e}"))
+                return self.abort_before_start(
+                    round,
+                    plan.purpose,
+                    started,
+                    names,
+                    format!("round config: {e}"),
+                )
             }
         };
         let params_json = serde_json::json!({
             "clients": n, "degree": params.degree, "threshold": params.threshold, "ring_bits": params.ring_bits,
             "quant_bits": params.quant_bits, "clip": params.clip, "weight_bound": params.weight_bound,
-            "parameters": self.cfg.rounds.parameters,
+            "parameters": fedlora_secagg::manifest_len(&plan.manifest), "purpose": plan.purpose,
         })
         .to_string();
         let participants: Vec<(u32, String, String)> = (0..n)
@@ -1081,7 +1247,31 @@ impl Coordinator {
         let mut peers: Vec<(u32, String)> =
             roster.iter().map(|(i, pk)| (*i, pk.to_hex())).collect();
         peers.sort();
-        let start_payload = serde_json::to_vec(&RoundStart { peers }).unwrap_or_default();
+        let start_payload = serde_json::to_vec(&RoundStart {
+            peers,
+            purpose: plan.purpose,
+            global_sha256: plan.global.as_ref().map(|(_, sha)| sha.clone()),
+        })
+        .unwrap_or_default();
+        if let Some((bytes, _)) = plan.global.as_ref().filter(|(b, _)| !b.is_empty()) {
+            // The state this round trains from, to every participant, before the round start.
+            let mut payload = Vec::with_capacity(32 + bytes.len());
+            payload.extend_from_slice(&Sha256::digest(bytes.as_slice()));
+            payload.extend_from_slice(bytes);
+            let frame = Arc::new(
+                Header {
+                    kind: Kind::GlobalState,
+                    session: self.session,
+                    round,
+                    stage: NO_STAGE,
+                    sender: SERVER,
+                }
+                .encode(&payload),
+            );
+            for conn_id in &members {
+                self.send_to(*conn_id, frame.clone());
+            }
+        }
         for (i, conn_id) in members.iter().enumerate() {
             let h = Header {
                 kind: Kind::RoundStart,
@@ -1114,9 +1304,13 @@ impl Coordinator {
             ring_bits: params.ring_bits,
         };
         self.flush(&run, &mut proto);
-        let timeout = Duration::from_millis(self.cfg.rounds.stage_timeout_ms);
+        let stage_timeout = Duration::from_millis(self.cfg.rounds.stage_timeout_ms);
+        let timeout = |stage: Option<Stage>| match (stage, plan.masked_input_timeout) {
+            (Some(Stage::MaskedInput), Some(t)) => t,
+            _ => stage_timeout,
+        };
         let mut stage = proto.stage();
-        let mut deadline = tokio::time::Instant::now() + timeout;
+        let mut deadline = tokio::time::Instant::now() + timeout(stage);
         if let Some(s) = stage {
             info!(round, stage = %s, expected = proto.waiting_for().len(), "stage open");
         }
@@ -1138,7 +1332,7 @@ impl Coordinator {
             }
             if proto.stage() != stage {
                 stage = proto.stage();
-                deadline = tokio::time::Instant::now() + timeout;
+                deadline = tokio::time::Instant::now() + timeout(stage);
                 if let Some(s) = stage {
                     info!(round, stage = %s, expected = proto.waiting_for().len(), "stage open");
                 }
@@ -1218,6 +1412,51 @@ impl Coordinator {
                 for v in &agg.mean {
                     bytes.extend_from_slice(&v.to_le_bytes());
                 }
+                match (plan.purpose, self.fed.as_mut()) {
+                    (Purpose::Train, Some(fed)) => match fed.finish_train(&agg.mean) {
+                        // What clients get and the store keeps: the new global state.
+                        Ok(state) => {
+                            info!(round, rounds_folded = fed.global.round, dir = %fed.dir().display(), "global adapter written");
+                            bytes = state;
+                        }
+                        Err(e) => {
+                            fed.skip_round();
+                            let text = format!("the rule refused the revealed sum: {e}");
+                            self.store.abort_round(round, &text)?;
+                            self.audit(Some(round), "round_aborted", &text);
+                            warn!(round, reason = %text, "round aborted");
+                            return Ok(self.aborted_summary(
+                                round,
+                                plan.purpose,
+                                run,
+                                dropped,
+                                &params,
+                                text,
+                                wall_ms,
+                                ingest,
+                            ));
+                        }
+                    },
+                    (Purpose::Eval, Some(fed)) => match fed.finish_eval(&agg.mean) {
+                        Ok((metric, loss)) => {
+                            let folded = fed.global.round;
+                            info!(
+                                round,
+                                metric,
+                                loss,
+                                rounds_folded = folded,
+                                "held-out score of the global adapter (secure sum)"
+                            );
+                            self.audit(
+                                Some(round),
+                                "evaluation",
+                                &serde_json::json!({"rounds_folded": folded, "metric": metric, "loss": loss, "examples": agg.weight_sum}).to_string(),
+                            );
+                        }
+                        Err(e) => warn!(round, error = %e, "evaluation sum unusable"),
+                    },
+                    _ => {}
+                }
                 let hash = blocking(|| {
                     self.store
                         .finish_round(round, &bytes, agg.survivors.len() as u32)
@@ -1247,6 +1486,7 @@ impl Coordinator {
                 }
                 Ok(RoundSummary {
                     round,
+                    purpose: plan.purpose,
                     status: "finished".into(),
                     participants: run.names,
                     survivors: agg.survivors.clone(),
@@ -1263,11 +1503,17 @@ impl Coordinator {
             }
             Err(reason) => {
                 let text = reason.to_string();
+                if plan.purpose == Purpose::Train {
+                    if let Some(fed) = self.fed.as_mut() {
+                        fed.skip_round();
+                    }
+                }
                 self.store.abort_round(round, &text)?;
                 self.audit(Some(round), "round_aborted", &text);
                 warn!(round, reason = %text, "round aborted");
                 Ok(RoundSummary {
                     round,
+                    purpose: plan.purpose,
                     status: "aborted".into(),
                     participants: run.names,
                     survivors: Vec::new(),
@@ -1313,9 +1559,40 @@ impl Coordinator {
         self.flush(run, proto);
     }
 
+    #[allow(clippy::too_many_arguments)]
+    fn aborted_summary(
+        &self,
+        round: u64,
+        purpose: Purpose,
+        run: RoundRun,
+        dropped: Vec<(u32, String)>,
+        params: &fedlora_secagg::RoundParams,
+        text: String,
+        wall_ms: u64,
+        ingest: Option<IngestStats>,
+    ) -> RoundSummary {
+        RoundSummary {
+            round,
+            purpose,
+            status: "aborted".into(),
+            participants: run.names,
+            survivors: Vec::new(),
+            dropped,
+            abort_reason: Some(text),
+            aggregate_sha256: None,
+            threshold: Some(params.threshold),
+            ring_bits: Some(params.ring_bits),
+            error_bound: None,
+            rejected: run.rejected,
+            wall_ms,
+            ingest,
+        }
+    }
+
     fn abort_before_start(
         &mut self,
         round: u64,
+        purpose: Purpose,
         started: Instant,
         participants: Vec<String>,
         reason: String,
@@ -1324,8 +1601,14 @@ impl Coordinator {
         self.store.abort_round(round, &reason)?;
         self.audit(Some(round), "round_aborted", &reason);
         warn!(round, %reason, "round aborted before start");
+        if purpose == Purpose::Train {
+            if let Some(fed) = self.fed.as_mut() {
+                fed.skip_round();
+            }
+        }
         Ok(RoundSummary {
             round,
+            purpose,
             status: "aborted".into(),
             participants,
             survivors: Vec::new(),

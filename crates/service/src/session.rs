@@ -104,6 +104,13 @@ pub fn server_stage_code(msg: &ServerMessage) -> u8 {
 pub struct RoundStart {
     /// Every invited client's id and Ed25519 identity key (hex), sorted by id.
     pub peers: Vec<(u32, String)>,
+    /// What the round is for (federated fine-tuning: training or evaluation).
+    #[serde(default)]
+    pub purpose: crate::federated::Purpose,
+    /// Federated rounds: SHA-256 (hex) of the global state the round trains from or scores; the
+    /// client refuses a round whose state it was not sent.
+    #[serde(default)]
+    pub global_sha256: Option<String>,
 }
 
 /// An authenticated client connection.

@@ -35,6 +35,18 @@ pub fn classify(
     batch: usize,
     progress: bool,
 ) -> Result<EvalReport> {
+    classify_with_predictions(model, items, batch, progress, None)
+}
+
+/// [`classify`], also collecting each item's predicted label into `predictions` (for checking a
+/// model against another implementation example by example).
+pub fn classify_with_predictions(
+    model: &LoadedModel,
+    items: &[Encoded],
+    batch: usize,
+    progress: bool,
+    mut predictions: Option<&mut Vec<u32>>,
+) -> Result<EvalReport> {
     // A merged copy records no autograd graph through the encoder (only the head is a variable).
     let mut merged = model.clone();
     merged.merge_lora()?;
@@ -59,6 +71,9 @@ pub fn classify(
         let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
         let gold = labels.to_vec1::<u32>()?;
         correct += pred.iter().zip(&gold).filter(|(p, g)| p == g).count();
+        if let Some(out) = predictions.as_deref_mut() {
+            out.extend_from_slice(&pred);
+        }
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();

@@ -267,70 +267,39 @@ pub struct ExportReport {
     pub truncation_error: Option<f64>,
 }
 
-/// File name of the `exact` rule's merged update.
-pub const MERGED_DELTA_FILE: &str = "merged_delta.safetensors";
+pub use agg::peft::MERGED_DELTA_FILE;
 
-/// Writes `state` as a PEFT adapter into `dir` (files written atomically). For `exact`, the merged
-/// update is written whole (`merged_delta.safetensors`) and the adapter is its best rank-r
-/// truncation (the layout's rank), with the truncation error reported. `share-a` has no global
-/// model: its export holds the shared `A` with `B = 0` (each client's own adapter completes it).
+/// Writes `state` as a PEFT adapter into `dir` ([`fedlora_aggregate::peft::export`]: the same
+/// files the server writes), each file atomically. For `exact`, the merged update is written whole
+/// (`merged_delta.safetensors`) and the adapter is its best rank-r truncation, with the error.
 pub fn export_peft(
-    fm: &mut FederatedModel,
     state: &agg::GlobalState,
     lora: &LoraConfig,
     dir: &std::path::Path,
 ) -> Result<ExportReport> {
-    let layout = state.layout.clone();
-    let rule = state.rule.rule();
-    let profile = agg::ClientProfile {
-        rank: layout.rank,
-        weight: 1,
-    };
-    let mut start = rule.start(state, &profile, None).map_err(agg_err)?;
-    let mut report = ExportReport {
-        dir: dir.to_path_buf(),
-        merged_delta: None,
-        truncation_error: None,
-    };
+    let files = agg::peft::export(state, lora.dropout).map_err(agg_err)?;
     std::fs::create_dir_all(dir)
         .map_err(|e| TrainError::io(format!("creating {}", dir.display()), e))?;
-    if state.rule == agg::RuleKind::Exact {
-        let device = fm.device();
-        let (mut err_sq, mut total_sq) = (0f64, 0f64);
-        let mut deltas = std::collections::HashMap::new();
-        for (i, l) in layout.layers.iter().enumerate() {
-            let delta = state.tensors.require(&l.delta_name()).map_err(agg_err)?;
-            let t = agg::svd::truncate(delta, layout.rank, layout.scale(), state.seed ^ i as u64)
-                .map_err(agg_err)?;
-            let norm = delta.norm_sq();
-            err_sq += t.relative_error * t.relative_error * norm;
-            total_sq += norm;
-            start.adapter.insert(l.a_name(), t.a);
-            start.adapter.insert(l.b_name(), t.b);
-            let hf = l.module.trim_start_matches("base_model.model.");
-            deltas.insert(format!("{hf}.weight"), to_candle(delta, &device)?);
-        }
-        start.base_delta = agg::NamedTensors::new();
-        let path = dir.join(MERGED_DELTA_FILE);
-        crate::adapter::write_atomic(&path, |p| {
-            candle_core::safetensors::save(&deltas, p)
-                .map_err(|e| TrainError::BadModel(format!("writing {}: {e}", p.display())))
-        })?;
-        report.merged_delta = Some(path);
-        report.truncation_error = Some(if total_sq > 0.0 {
-            (err_sq / total_sq).sqrt()
-        } else {
-            0.0
-        });
-    }
-    fm.load(&start)?;
-    let cfg = LoraConfig {
-        r: layout.rank,
-        alpha: layout.alpha,
-        ..lora.clone()
+    let write = |name: &str, bytes: &[u8]| {
+        crate::adapter::write_atomic(&dir.join(name), |p| {
+            std::fs::write(p, bytes)
+                .map_err(|e| TrainError::io(format!("writing {}", p.display()), e))
+        })
     };
-    crate::adapter::save_adapter(&fm.model, &cfg, dir)?;
-    Ok(report)
+    write(agg::peft::WEIGHTS_FILE, &files.weights)?;
+    write(agg::peft::CONFIG_FILE, files.config.as_bytes())?;
+    let merged_delta = match &files.merged_delta {
+        Some(bytes) => {
+            write(MERGED_DELTA_FILE, bytes)?;
+            Some(dir.join(MERGED_DELTA_FILE))
+        }
+        None => None,
+    };
+    Ok(ExportReport {
+        dir: dir.to_path_buf(),
+        merged_delta,
+        truncation_error: files.truncation_error,
+    })
 }
 
 #[cfg(test)]
@@ -420,12 +389,15 @@ mod tests {
                 }
             }
         }
-        let mut fm = FederatedModel::new(model, layout, 0.0).expect("fm");
         let dir = std::env::temp_dir().join(format!("fedlora-export-{}", std::process::id()));
-        let rep = export_peft(&mut fm, &g, &lora, &dir).expect("export");
+        let rep = export_peft(&g, &lora, &dir).expect("export");
         assert!(rep.truncation_error.expect("error") < 1e-4);
         assert!(dir.join(MERGED_DELTA_FILE).exists());
-        assert!(dir.join(crate::adapter::WEIGHTS_FILE).exists());
+        // fedlora's own PEFT reader loads what the pure exporter wrote, every tensor used.
+        let mut fresh = LoadedModel::tiny_bert(2, 1).expect("model");
+        let back = crate::adapter::load_adapter(&mut fresh, &dir).expect("load");
+        assert_eq!((back.r, back.targets.clone()), (4, lora.targets.clone()));
+        drop(model);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

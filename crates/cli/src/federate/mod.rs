@@ -4,6 +4,9 @@
 //! to continue an interrupted run, and writes the global adapter in PEFT format.
 
 pub mod args;
+pub mod contributor;
+pub mod demo;
+pub mod layout_cmd;
 pub mod store;
 pub mod trainer;
 
@@ -207,6 +210,7 @@ pub fn run(args: FederateArgs, json: bool) -> anyhow::Result<()> {
             args.local_epochs, metric_name, baseline.metric
         ));
     }
+    let mut export = None;
     while !fed.is_done() {
         let rec = {
             let clients = args.clients as u64;
@@ -222,29 +226,16 @@ pub fn run(args: FederateArgs, json: bool) -> anyhow::Result<()> {
             fed.run_round(&mut trainer, &mut on_progress)?
         };
         run_dir.save_round(&fed.checkpoint(), &baseline)?;
-        export_peft(
-            &mut trainer.fm,
-            fed.global(),
-            &plan.lora,
-            &run_dir.global_dir(),
-        )
-        .with_context(|| {
-            format!(
-                "writing the global adapter to {}",
-                run_dir.global_dir().display()
-            )
-        })?;
+        export = Some(write_global(&fed, &plan, &run_dir)?);
         if !quiet {
             bar.println(&round_line(&rec));
         }
     }
     bar.finish();
-    let export = export_peft(
-        &mut trainer.fm,
-        fed.global(),
-        &plan.lora,
-        &run_dir.global_dir(),
-    )?;
+    let export = match export {
+        Some(e) => e,
+        None => write_global(&fed, &plan, &run_dir)?,
+    };
     let report = build_report(
         &args,
         &plan,
@@ -270,6 +261,13 @@ pub fn run(args: FederateArgs, json: bool) -> anyhow::Result<()> {
         .into());
     }
     Ok(())
+}
+
+/// Writes the global adapter (PEFT) of the run so far.
+fn write_global(fed: &Federation, plan: &Plan, run_dir: &RunDir) -> anyhow::Result<ExportReport> {
+    let dir = run_dir.global_dir();
+    export_peft(fed.global(), &plan.lora, &dir)
+        .with_context(|| format!("writing the global adapter to {}", dir.display()))
 }
 
 fn round_line(r: &RoundRecord) -> String {

@@ -60,7 +60,13 @@ impl ClientData {
         } else {
             // Fewer held-out examples than clients: some clients score none.
             (0..clients)
-                .map(|i| if i < data.test.len() { vec![i] } else { Vec::new() })
+                .map(|i| {
+                    if i < data.test.len() {
+                        vec![i]
+                    } else {
+                        Vec::new()
+                    }
+                })
                 .collect()
         };
         let model = &fm.model;
