@@ -2,10 +2,8 @@
 //! as server and clients (and, for forged traffic, an attacker in this test process speaking the
 //! frame protocol directly). Each test bounds its own run time and asserts the exact outcome.
 
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fedlora_secagg::wire::{decode_server, encode_client, ClientMessage, ServerMessage};
@@ -20,105 +18,9 @@ use fedlora_service::store::{RoundStatus, Store, INTERRUPTED};
 use fedlora_service::tls::ServerTrust;
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_fedlora");
-const LIMIT: Duration = Duration::from_secs(60);
-
-/// A child process killed when dropped, with its stderr collected line by line.
-struct Proc {
-    child: Child,
-    stderr: Arc<Mutex<Vec<String>>>,
-}
-
-impl Proc {
-    fn spawn(args: &[&str]) -> Proc {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .env(
-                "RUST_LOG",
-                std::env::var("E2E_RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn fedlora");
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let lines = stderr.clone();
-        let err = child.stderr.take().expect("stderr");
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                lines.lock().expect("lock").push(line);
-            }
-        });
-        Proc { child, stderr }
-    }
-
-    /// Waits until a stderr line contains all of `needles`; returns that line.
-    fn wait_for(&self, needles: &[&str]) -> String {
-        let start = Instant::now();
-        loop {
-            if let Some(l) = self
-                .stderr
-                .lock()
-                .expect("lock")
-                .iter()
-                .find(|l| needles.iter().all(|n| l.contains(n)))
-            {
-                return l.clone();
-            }
-            assert!(
-                start.elapsed() < LIMIT,
-                "timed out waiting for {needles:?}; stderr:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log(&self) -> String {
-        self.stderr.lock().expect("lock").join("\n")
-    }
-
-    /// Waits for exit (bounded); returns the exit code and the last stdout line parsed as JSON.
-    fn finish(mut self) -> (i32, Value) {
-        let start = Instant::now();
-        let status = loop {
-            if let Some(s) = self.child.try_wait().expect("wait") {
-                break s;
-            }
-            assert!(
-                start.elapsed() < LIMIT,
-                "process did not exit; stderr:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let mut out = String::new();
-        self.child
-            .stdout
-            .take()
-            .expect("stdout")
-            .read_to_string(&mut out)
-            .expect("read stdout");
-        let last = out.lines().last().unwrap_or("null").to_string();
-        let json = serde_json::from_str(&last)
-            .unwrap_or_else(|e| panic!("bad JSON {last:?}: {e}\n{}", self.log()));
-        (status.code().unwrap_or(-1), json)
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.kill();
-        }
-    }
-}
+#[path = "support/proc.rs"]
+mod proc;
+use proc::{limit, Proc};
 
 /// A scratch deployment: a directory, client identities made with `fedlora keygen`, configs.
 struct Fixture {
@@ -338,7 +240,7 @@ fn exit_code(mut p: Proc) -> i32 {
         if let Some(s) = p.child.try_wait().expect("wait") {
             break s;
         }
-        assert!(start.elapsed() < LIMIT);
+        assert!(start.elapsed() < limit());
         std::thread::sleep(Duration::from_millis(20));
     };
     status.code().unwrap_or(-1)
@@ -808,7 +710,7 @@ fn client_drops_in_one_round_and_rejoins_the_next() {
         if let Some(s) = leaver.child.try_wait().expect("wait") {
             break s;
         }
-        assert!(start.elapsed() < LIMIT);
+        assert!(start.elapsed() < limit());
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(
