@@ -172,7 +172,7 @@ pub async fn run_client(
 }
 
 /// [`run_client`] for federated fine-tuning: `contributor` trains and scores each round's global
-/// state (protocol-spec §8.9).
+/// state (protocol-spec §9).
 pub async fn run_client_with(
     cfg: &ClientConfig,
     opts: &ClientOptions,

@@ -6,7 +6,7 @@
 //! implements with fedlora-train. The round logic is `fedlora-federation`'s, the same the
 //! in-process simulator runs (`server_step` here, `client_step` inside the contributor).
 //!
-//! A training round `r` (protocol-spec §8.9): the server sends every participant the global state
+//! A training round `r` (protocol-spec §9): the server sends every participant the global state
 //! `G_r` (a [`crate::framing::Kind::GlobalState`] frame), then the round start naming its SHA-256;
 //! each client trains from `G_r` while the setup, key and share stages run, and provides its update
 //! when its masked input is due (the masked-input stage has the long `train_timeout_ms`

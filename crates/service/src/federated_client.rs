@@ -1,4 +1,4 @@
-//! The client's side of federated rounds (protocol-spec §8.9): it keeps the global state the server
+//! The client's side of federated rounds (protocol-spec §9): it keeps the global state the server
 //! sent, checks that a round trains from (or scores) exactly that state, runs the
 //! [`Contributor`] on a blocking thread while the protocol's first stages go on, and hands the
 //! result to the state machine when its masked input is due.

@@ -28,6 +28,19 @@ fn every_sample_config_in_deploy_parses() {
         if name.starts_with("server") {
             let cfg = ServerConfig::load(f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
             assert!(cfg.rounds.count >= 1);
+            if name.contains("federated") {
+                // Its layout file is shipped next to it and names a real model's projections.
+                let (rule, layout) = cfg
+                    .federation
+                    .as_ref()
+                    .expect("[federation]")
+                    .validate()
+                    .expect("layout");
+                assert_eq!(
+                    (rule.name(), layout.rank, layout.layers.len()),
+                    ("frozen-a", 8, 12)
+                );
+            }
             servers += 1;
         } else if name.starts_with("client") {
             let cfg = ClientConfig::load(f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
@@ -36,6 +49,10 @@ fn every_sample_config_in_deploy_parses() {
                 "{}",
                 f.display()
             );
+            if name.contains("federated") {
+                let t = cfg.train.as_ref().expect("[train]");
+                assert_eq!((t.task.as_str(), t.rank), ("spam", 8));
+            }
             clients += 1;
         } else {
             panic!(
@@ -44,5 +61,5 @@ fn every_sample_config_in_deploy_parses() {
             );
         }
     }
-    assert_eq!((servers, clients), (3, 2), "{files:?}");
+    assert_eq!((servers, clients), (4, 3), "{files:?}");
 }
