@@ -451,3 +451,76 @@ pub fn to_specs(manifest: &[fedlora_aggregate::UploadSpec]) -> Result<Vec<Tensor
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedlora_aggregate::{HeadInit, HeadSpec, LayerSpec};
+
+    fn section(dir: &Path, rule: &str, partitions: Vec<usize>) -> FederationSection {
+        let layout = AdapterLayout {
+            model: "m".into(),
+            rank: *partitions.last().expect("p"),
+            alpha: 4.0,
+            partitions,
+            layers: vec![LayerSpec {
+                module: "m.layer.0.attention.self.query".into(),
+                out: 6,
+                inp: 6,
+            }],
+            head: vec![HeadSpec {
+                name: "m.classifier.bias".into(),
+                shape: vec![2],
+                init: HeadInit::Zeros,
+            }],
+        };
+        let path = dir.join("layout.json");
+        std::fs::write(&path, serde_json::to_string(&layout).expect("json")).expect("write");
+        FederationSection {
+            rule: rule.into(),
+            layout: path,
+            seed: 5,
+            value_clip: 4.0,
+            weight_bound: 100,
+            evaluate: true,
+            train_timeout_ms: 1000,
+        }
+    }
+
+    #[test]
+    fn the_server_writes_each_state_as_peft_and_continues_from_it() {
+        let dir = std::env::temp_dir().join(format!("fedlora-fed-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let mut fed = ServerFederation::open(section(&dir, "exact", vec![2]), &dir).expect("open");
+        let n = fed.train_values() as usize;
+        let bytes = fed.finish_train(&vec![0.01; n]).expect("finish");
+        assert_eq!(GlobalState::decode(&bytes).expect("decode").round, 1);
+        for f in [
+            "adapter_model.safetensors",
+            "adapter_config.json",
+            "merged_delta.safetensors",
+        ] {
+            assert!(dir.join("global/round-000001").join(f).exists(), "{f}");
+            assert!(dir.join("global/latest").join(f).exists(), "{f}");
+        }
+        assert_eq!(fed.finish_eval(&[0.75, 0.5]).expect("eval"), (0.75, 0.5));
+        assert!(fed.finish_eval(&[0.75]).is_err());
+        // A restart continues from the saved state; another rule's state is refused.
+        assert_eq!(
+            ServerFederation::open(section(&dir, "exact", vec![2]), &dir)
+                .expect("reopen")
+                .global
+                .round,
+            1
+        );
+        let e = ServerFederation::open(section(&dir, "fedavg", vec![2]), &dir).expect_err("other");
+        assert!(e.to_string().contains("another federation"), "{e}");
+        // Ranks are only for the heterogeneous rules.
+        let e = section(&dir, "fedavg", vec![1, 2])
+            .validate()
+            .expect_err("ranks");
+        assert!(e.to_string().contains("ignores"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

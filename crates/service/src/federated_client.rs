@@ -157,3 +157,100 @@ pub async fn take_input(
         weight: upload.weight.clamp(1, setup.params.weight_bound),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::federated::EvalContribution;
+    use fedlora_aggregate::{AdapterLayout, HeadInit, HeadSpec, LayerSpec, RuleKind};
+
+    struct Nothing;
+    impl Contributor for Nothing {
+        fn contribute(&mut self, _: u64, _: &GlobalState) -> Result<Upload, String> {
+            Err("unused".into())
+        }
+        fn evaluate(&mut self, _: &GlobalState) -> Result<EvalContribution, String> {
+            Err("unused".into())
+        }
+    }
+
+    fn state() -> GlobalState {
+        let layout = AdapterLayout {
+            model: "m".into(),
+            rank: 2,
+            alpha: 4.0,
+            partitions: vec![2],
+            layers: vec![LayerSpec {
+                module: "m.0.q".into(),
+                out: 4,
+                inp: 3,
+            }],
+            head: vec![HeadSpec {
+                name: "m.classifier.bias".into(),
+                shape: vec![2],
+                init: HeadInit::Zeros,
+            }],
+        };
+        GlobalState::initial(layout, RuleKind::FedAvg, 1).expect("state")
+    }
+
+    fn frame(s: &GlobalState) -> Vec<u8> {
+        let bytes = s.encode();
+        let mut p = Sha256::digest(&bytes).to_vec();
+        p.extend_from_slice(&bytes);
+        p
+    }
+
+    #[test]
+    fn a_damaged_state_or_a_round_naming_another_state_is_refused() {
+        let mut fed = FedClient::new(Box::new(Nothing));
+        let good = frame(&state());
+        let mut bad = good.clone();
+        let n = bad.len();
+        bad[n - 1] ^= 1;
+        assert!(fed
+            .receive_state(&bad)
+            .expect_err("hash")
+            .contains("hash mismatch"));
+        let mut bad_body = state().encode();
+        bad_body[12] = b'#';
+        let mut bad_frame = Sha256::digest(&bad_body).to_vec();
+        bad_frame.extend_from_slice(&bad_body);
+        assert!(fed
+            .receive_state(&bad_frame)
+            .expect_err("decode")
+            .contains("global state"));
+        let sha = fed.receive_state(&good).expect("good");
+        let start = |sha: Option<String>| RoundStart {
+            peers: vec![],
+            purpose: Purpose::Train,
+            global_sha256: sha,
+        };
+        let e = fed
+            .start(&start(Some("00".repeat(32))))
+            .expect_err("other state");
+        assert!(e.contains("this client was sent"), "{e}");
+        assert!(fed.start(&start(None)).is_err());
+        // A setup whose manifest is not the rule's is refused.
+        let mut setup = fedlora_secagg::wire::RoundSetup {
+            version: fedlora_secagg::PROTOCOL_VERSION,
+            round: 1,
+            nonce: [0; 32],
+            client_id: 0,
+            num_clients: 3,
+            params: fedlora_secagg::derive(&fedlora_secagg::ParamRequest::new(3))
+                .expect("p")
+                .params,
+            manifest: crate::federated::to_specs(&RuleKind::FedAvg.rule().manifest(&state()))
+                .expect("specs"),
+        };
+        assert!(fed.check_setup(Purpose::Train, &setup).is_ok());
+        setup.manifest[0].shape = vec![3, 3];
+        assert!(fed
+            .check_setup(Purpose::Train, &setup)
+            .expect_err("manifest")
+            .contains("manifest"));
+        assert!(fed.check_setup(Purpose::Eval, &setup).is_err());
+        assert_eq!(sha.len(), 64);
+    }
+}
