@@ -174,7 +174,9 @@ pub fn run(args: FederateArgs, json: bool) -> anyhow::Result<()> {
         );
     }
     let mut trainer = CandleTrainer::new(fm, client_data, settings, seed);
-    let quiet = json && !std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // Progress always goes to stderr (a bar on a terminal, a line every 30 s otherwise), so a long
+    // run under a supervisor shows it is moving; `--json` keeps stdout to one object.
+    let quiet = false;
     let baseline = if resume {
         eprintln!(
             "continuing the run in {} after round {resumed_from} of {}",
