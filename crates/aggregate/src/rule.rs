@@ -277,6 +277,23 @@ impl<'m> Packer<'m> {
         Ok(())
     }
 
+    /// Appends `head_i − head` for every head tensor of the layout.
+    pub(crate) fn push_head_deltas(
+        &mut self,
+        layout: &AdapterLayout,
+        start: &ClientStart,
+        trained: &NamedTensors,
+    ) -> Result<(), AggregateError> {
+        for h in &layout.head {
+            self.push(
+                &trained
+                    .require(&h.name)?
+                    .sub(start.adapter.require(&h.name)?)?,
+            )?;
+        }
+        Ok(())
+    }
+
     pub(crate) fn finish(self, weight: u32, public_tail: usize) -> Result<Upload, AggregateError> {
         if self.next != self.manifest.len() {
             return Err(AggregateError::Shape(format!(
@@ -334,6 +351,24 @@ impl<'a> Unpacker<'a> {
         self.next += 1;
         self.at += n;
         Ok(t)
+    }
+}
+
+impl Unpacker<'_> {
+    /// Reads the head's mean updates (the next ranges) into `next`.
+    pub(crate) fn add_head_means(
+        &mut self,
+        layout: &AdapterLayout,
+        next: &mut GlobalState,
+    ) -> Result<(), AggregateError> {
+        for h in &layout.head {
+            let d = self.next_tensor()?;
+            next.tensors
+                .get_mut(&h.name)
+                .ok_or_else(|| AggregateError::MissingTensor(h.name.clone()))?
+                .add_assign(&d)?;
+        }
+        Ok(())
     }
 }
 

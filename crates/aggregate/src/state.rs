@@ -134,11 +134,7 @@ impl GlobalState {
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&(json.len() as u32).to_le_bytes());
         out.extend_from_slice(&json);
-        for (_, t) in self.tensors.iter() {
-            for v in &t.data {
-                out.extend_from_slice(&v.to_le_bytes());
-            }
-        }
+        self.tensors.write_values(&mut out);
         out
     }
 
@@ -160,25 +156,7 @@ impl GlobalState {
                 header.version
             )));
         }
-        let mut body = &bytes[12 + hlen..];
-        let mut tensors = NamedTensors::new();
-        for (name, shape) in header.tensors {
-            let n = shape
-                .iter()
-                .try_fold(1usize, |a, &d| a.checked_mul(d))
-                .filter(|n| n.checked_mul(4).is_some_and(|b| b <= body.len()))
-                .ok_or_else(|| bad("tensor sizes exceed the encoded values"))?;
-            let (vals, rest) = body.split_at(4 * n);
-            body = rest;
-            let data = vals
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            tensors.insert(name, Tensor { shape, data });
-        }
-        if !body.is_empty() {
-            return Err(bad("trailing bytes after the last tensor"));
-        }
+        let tensors = crate::tensor::read_values(header.tensors, &bytes[12 + hlen..])?;
         let state = GlobalState {
             round: header.round,
             rule: header.rule,

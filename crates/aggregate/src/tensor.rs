@@ -290,11 +290,7 @@ impl NamedTensors {
         out.extend_from_slice(NAMED_MAGIC);
         out.extend_from_slice(&(json.len() as u32).to_le_bytes());
         out.extend_from_slice(&json);
-        for (_, t) in &self.entries {
-            for v in &t.data {
-                out.extend_from_slice(&v.to_le_bytes());
-            }
-        }
+        self.write_values(&mut out);
         out
     }
 
@@ -310,27 +306,45 @@ impl NamedTensors {
         }
         let header: Vec<(String, Vec<usize>)> = serde_json::from_slice(&bytes[12..12 + hlen])
             .map_err(|e| AggregateError::Encoding(format!("header: {e}")))?;
-        let mut body = &bytes[12 + hlen..];
-        let mut out = NamedTensors::new();
-        for (name, shape) in header {
-            let n = shape
-                .iter()
-                .try_fold(1usize, |a, &d| a.checked_mul(d))
-                .filter(|n| n.checked_mul(4).is_some_and(|b| b <= body.len()))
-                .ok_or_else(|| bad("tensor sizes exceed the encoded values"))?;
-            let (vals, rest) = body.split_at(4 * n);
-            body = rest;
-            let data = vals
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            out.insert(name, Tensor { shape, data });
-        }
-        if !body.is_empty() {
-            return Err(bad("trailing bytes after the last tensor"));
-        }
-        Ok(out)
+        read_values(header, &bytes[12 + hlen..])
     }
+
+    /// Appends every value as f32 little-endian, in order.
+    pub(crate) fn write_values(&self, out: &mut Vec<u8>) {
+        for (_, t) in &self.entries {
+            for v in &t.data {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
+}
+
+/// Reads tensors of the given names and shapes from f32 little-endian `body`, which they must fill
+/// exactly; sizes that overflow or exceed the bytes are errors.
+pub(crate) fn read_values(
+    header: Vec<(String, Vec<usize>)>,
+    mut body: &[u8],
+) -> Result<NamedTensors, AggregateError> {
+    let bad = |m: &str| AggregateError::Encoding(m.to_string());
+    let mut out = NamedTensors::new();
+    for (name, shape) in header {
+        let n = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .filter(|n| n.checked_mul(4).is_some_and(|b| b <= body.len()))
+            .ok_or_else(|| bad("tensor sizes exceed the encoded values"))?;
+        let (vals, rest) = body.split_at(4 * n);
+        body = rest;
+        let data = vals
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        out.insert(name, Tensor { shape, data });
+    }
+    if !body.is_empty() {
+        return Err(bad("trailing bytes after the last tensor"));
+    }
+    Ok(out)
 }
 
 impl FromIterator<(String, Tensor)> for NamedTensors {

@@ -82,13 +82,7 @@ impl AggregationRule for Exact {
             upd = upd.sub(&before)?;
             p.push(&upd)?;
         }
-        for h in &global.layout.head {
-            p.push(
-                &trained
-                    .require(&h.name)?
-                    .sub(start.adapter.require(&h.name)?)?,
-            )?;
-        }
+        p.push_head_deltas(&global.layout, start, trained)?;
         p.finish(client.weight, 0)
     }
 
@@ -113,13 +107,7 @@ impl AggregationRule for Exact {
             next.tensors
                 .insert(l.b_name(), Tensor::zeros(&[l.out, rank]));
         }
-        for h in &global.layout.head {
-            let d = u.next_tensor()?;
-            next.tensors
-                .get_mut(&h.name)
-                .ok_or_else(|| AggregateError::MissingTensor(h.name.clone()))?
-                .add_assign(&d)?;
-        }
+        u.add_head_means(&global.layout, &mut next)?;
         Ok(next)
     }
 }

@@ -83,13 +83,7 @@ impl AggregationRule for RankPartitioned {
             p.push(&da)?;
             p.push(&db)?;
         }
-        for h in &global.layout.head {
-            p.push(
-                &trained
-                    .require(&h.name)?
-                    .sub(start.adapter.require(&h.name)?)?,
-            )?;
-        }
+        p.push_head_deltas(&global.layout, start, trained)?;
         let held: Vec<f32> = global
             .layout
             .partitions
@@ -145,13 +139,7 @@ impl AggregationRule for RankPartitioned {
                 *x += (f64::from(*d) * factor(k % layout.rank)) as f32;
             }
         }
-        for h in &layout.head {
-            let d = u.next_tensor()?;
-            next.tensors
-                .get_mut(&h.name)
-                .ok_or_else(|| AggregateError::MissingTensor(h.name.clone()))?
-                .add_assign(&d)?;
-        }
+        u.add_head_means(layout, &mut next)?;
         Ok(next)
     }
 }

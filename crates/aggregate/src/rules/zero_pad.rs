@@ -91,13 +91,7 @@ impl AggregationRule for ZeroPad {
             p.push(&a.sub(global.a(i)?)?)?;
             p.push(&b.sub(global.b(i)?)?)?;
         }
-        for h in &global.layout.head {
-            p.push(
-                &trained
-                    .require(&h.name)?
-                    .sub(start.adapter.require(&h.name)?)?,
-            )?;
-        }
+        p.push_head_deltas(&global.layout, start, trained)?;
         p.finish(client.weight, 0)
     }
 
