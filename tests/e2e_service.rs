@@ -247,12 +247,12 @@ fn exit_code(mut p: Proc) -> i32 {
 }
 
 /// One round of 4 clients (threshold 3) where the clients in `victims` die right before sending
-/// their message for `stage`; returns the server's round report.
+/// their message for `stage`; returns the server's round report and exit code, and the clients'.
 fn round_with_deaths(
     tag: &str,
     stage: &str,
     victims: &[usize],
-) -> (Fixture, Value, Vec<(i32, Value)>) {
+) -> (Fixture, Value, i32, Vec<(i32, Value)>) {
     let f = Fixture::new(tag, 4);
     let cfg = f.server_config(1, 4, 1_500, 500, &[]);
     let (server, addr, fp) = f.start_server(&cfg, &[]);
@@ -267,7 +267,7 @@ fn round_with_deaths(
         })
         .collect();
     let (code, report) = server.finish();
-    assert_eq!(code, 0);
+    assert_eq!(report["exit_code"], code, "the report says the exit code");
     let outcomes: Vec<(i32, Value)> = clients
         .into_iter()
         .enumerate()
@@ -280,7 +280,7 @@ fn round_with_deaths(
         })
         .collect();
     let round = report["rounds"][0].clone();
-    (f, round, outcomes)
+    (f, round, code, outcomes)
 }
 
 #[test]
@@ -291,7 +291,8 @@ fn one_client_killed_at_each_stage_round_completes() {
         ("upload", vec![0, 1, 2]),
         ("unmask", vec![0, 1, 2, 3]),
     ] {
-        let (f, round, outcomes) = round_with_deaths(&format!("above-{stage}"), stage, &[3]);
+        let (f, round, code, outcomes) = round_with_deaths(&format!("above-{stage}"), stage, &[3]);
+        assert_eq!(code, 0, "every round finished");
         assert_eq!(round["status"], "finished", "stage {stage}: {round}");
         assert_eq!(ids(&round["survivors"]), survivors, "stage {stage}");
         assert_eq!(
@@ -359,7 +360,9 @@ fn client_killed_mid_upload_is_taken_back_out_of_the_sum() {
 #[test]
 fn two_clients_killed_at_each_stage_round_aborts_below_threshold() {
     for stage in ["advertise", "share", "upload", "unmask"] {
-        let (f, round, outcomes) = round_with_deaths(&format!("below-{stage}"), stage, &[2, 3]);
+        let (f, round, code, outcomes) =
+            round_with_deaths(&format!("below-{stage}"), stage, &[2, 3]);
+        assert_eq!(code, 3, "a round aborted: exit code 3");
         assert_eq!(round["status"], "aborted", "stage {stage}: {round}");
         assert_eq!(
             round["abort_reason"].as_str(),
@@ -375,7 +378,8 @@ fn two_clients_killed_at_each_stage_round_aborts_below_threshold() {
             "no aggregate on abort"
         );
         for (code, rep) in &outcomes[..2] {
-            assert_eq!(*code, 0);
+            assert_eq!(*code, 3, "the clients' round aborted too");
+            assert_eq!(rep["outcome"], "rounds_aborted");
             assert_eq!(
                 rep["rounds"][0]["outcome"], "aborted",
                 "stage {stage}: {rep}"
@@ -467,12 +471,12 @@ fn clients_reconnect_to_a_restarted_server() {
     f.check_aggregate(round, 500);
     for c in clients {
         let (code, rep) = c.finish();
-        assert_eq!(code, 0, "{rep}");
+        assert_eq!(code, 3, "round 0 was cut short: {rep}");
         assert_eq!(rep["connections"], 2, "{rep}");
         let rounds = rep["rounds"].as_array().expect("rounds");
         assert_eq!(rounds.len(), 2, "{rep}");
         assert_eq!(rounds[0]["round"], 0);
-        assert_eq!(rounds[0]["outcome"], "failed");
+        assert_eq!(rounds[0]["outcome"], "interrupted");
         assert!(
             rounds[0]["reason"]
                 .as_str()
@@ -500,7 +504,7 @@ fn unenrolled_client_and_wrong_certificate_are_refused() {
     let stranger_cfg = f.dir.join("stranger.toml");
     std::fs::write(
         &stranger_cfg,
-        format!("server = \"{addr}\"\n[trust]\nserver_fingerprint = \"{fp}\"\n[identity]\nkey_file = \"stranger.key\"\n"),
+        format!("server = \"{addr}\"\n[trust]\nserver_fingerprint = \"{fp}\"\n[identity]\nkey_file = \"stranger.key\"\n[input]\nkind = \"synthetic\"\n"),
     )
     .expect("write");
     let (code, v) = run_to_end(&[

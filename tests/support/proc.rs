@@ -27,12 +27,19 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(args: &[&str]) -> Proc {
-        let mut child = Command::new(BIN)
+        let log = std::env::var("E2E_RUST_LOG").unwrap_or_else(|_| "info".into());
+        Proc::spawn_logging(args, Some(&log))
+    }
+
+    /// Like `spawn`, with `RUST_LOG` as given (`None`: unset, the binary's own quiet default).
+    pub fn spawn_logging(args: &[&str], rust_log: Option<&str>) -> Proc {
+        let mut cmd = Command::new(BIN);
+        match rust_log {
+            Some(l) => cmd.env("RUST_LOG", l),
+            None => cmd.env_remove("RUST_LOG"),
+        };
+        let mut child = cmd
             .args(args)
-            .env(
-                "RUST_LOG",
-                std::env::var("E2E_RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -100,6 +107,40 @@ impl Proc {
         let json = serde_json::from_str(&last)
             .unwrap_or_else(|e| panic!("bad JSON {last:?}: {e}\n{}", self.log()));
         (status.code().unwrap_or(-1), json)
+    }
+
+    /// Waits for exit (bounded); returns the exit code and all of stdout.
+    pub fn finish_text(mut self) -> (i32, String) {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                break s;
+            }
+            assert!(
+                start.elapsed() < limit(),
+                "process did not exit; stderr:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut out = String::new();
+        self.child
+            .stdout
+            .take()
+            .expect("stdout")
+            .read_to_string(&mut out)
+            .expect("read stdout");
+        (status.code().unwrap_or(-1), out)
+    }
+
+    /// Sends a signal (`TERM`, `INT`) to the process.
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .args(["-s", name, &self.child.id().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -s {name} failed");
     }
 
     pub fn kill(&mut self) {

@@ -141,6 +141,7 @@ pub fn measure(megabytes: usize) -> Limits {
 
 /// Runs `fedlora limits`.
 pub fn run(args: LimitsArgs, json: bool) -> anyhow::Result<()> {
+    crate::ranges::int("--megabytes", args.megabytes as u64, 1, 1 << 16)?;
     crate::threads::init(args.threads)?;
     eprintln!(
         "measuring AES-128-CTR and u32 summation over {} MB ...",

@@ -15,13 +15,16 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+mod exit;
 mod federate;
 mod limits;
 mod output;
 mod privacy_cmd;
 mod progress;
+mod ranges;
 mod service_cmd;
 mod simulate;
+mod summary;
 mod threads;
 mod train_cmd;
 
@@ -35,6 +38,10 @@ struct Cli {
     /// Print one JSON object as the last line of standard output (machine-readable report).
     #[arg(long, global = true)]
     json: bool,
+
+    /// More detail on standard error: -v every protocol step, -vv debug (RUST_LOG overrides).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
 
     #[command(subcommand)]
     command: Command,
@@ -72,8 +79,12 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     let json = cli.json;
+    let verbose = cli.verbose;
     let result: anyhow::Result<()> = match cli.command {
         Command::Federate(args) => federate::run(*args, json),
         Command::Layout(args) => federate::layout_cmd::run(args, json),
@@ -84,9 +95,34 @@ fn main() -> std::process::ExitCode {
         Command::Eval(args) => train_cmd::run_eval(args, json),
         Command::Generate(args) => train_cmd::run_generate(args, json),
         Command::Keygen(args) => service_cmd::run_keygen(args, json),
-        Command::Server(args) => service_cmd::run_server(args, json),
-        Command::Client(args) => service_cmd::run_client_cmd(args, json),
-        Command::Demo(args) => service_cmd::run_demo_cmd(args, json),
+        Command::Server(args) => service_cmd::run_server(args, json, verbose),
+        Command::Client(args) => service_cmd::run_client_cmd(args, json, verbose),
+        Command::Demo(args) => service_cmd::run_demo_cmd(args, json, verbose),
     };
     output::finish(result, json)
+}
+
+/// A command line clap refuses (unknown flag, value out of range): its message and exit code 2
+/// (0 for --help and --version), and with `--json` the same one JSON object as any refusal.
+fn usage_error(e: clap::Error) -> std::process::ExitCode {
+    let code = e.exit_code().clamp(0, 255) as u8;
+    let _ = e.print();
+    if code != 0 && std::env::args().any(|a| a == "--json") {
+        let rendered = e.to_string();
+        let text = rendered
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim_start_matches("error: ")
+            .to_string();
+        println!(
+            "{}",
+            serde_json::json!({
+                "error": text,
+                "outcome": exit::outcome(exit::REFUSED),
+                "exit_code": exit::REFUSED,
+            })
+        );
+    }
+    std::process::ExitCode::from(code)
 }

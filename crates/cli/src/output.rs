@@ -1,7 +1,10 @@
-//! How every subcommand reports: a human summary on stderr/stdout, and with `--json` one JSON object
-//! as the last line of stdout. Failures exit non-zero; with `--json` they still print one object.
+//! How every subcommand reports: a human summary on stdout, and with `--json` one JSON object as
+//! the last line of stdout. Failures exit non-zero with the codes of [`crate::exit`]; with `--json`
+//! they still print one object (`{"error", "outcome", "exit_code"}`).
 
 use std::process::ExitCode;
+
+use crate::exit;
 
 /// Prints a report: pretty text for people, or one line of JSON.
 pub fn emit<T: serde::Serialize>(
@@ -17,33 +20,50 @@ pub fn emit<T: serde::Serialize>(
     Ok(())
 }
 
-/// An error that already printed its own JSON object (e.g. `{"aborted": ...}`) and only needs a
-/// non-zero exit status.
-#[derive(Debug)]
-pub struct Reported(pub String);
-
-impl std::fmt::Display for Reported {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
+/// [`emit`] for a job with an outcome: the JSON report carries `outcome` and `exit_code`, and the
+/// result ends the process with that code (`message` is the one-line summary on stderr).
+pub fn emit_outcome<T: serde::Serialize>(
+    json: bool,
+    human: impl FnOnce() -> String,
+    value: &T,
+    code: u8,
+    message: impl FnOnce() -> String,
+) -> anyhow::Result<()> {
+    let value = exit::stamp(serde_json::to_value(value)?, code);
+    emit(json, human, &value)?;
+    exit::reported(
+        code,
+        if code == exit::OK {
+            String::new()
+        } else {
+            message()
+        },
+    )
 }
-
-impl std::error::Error for Reported {}
 
 /// Turns a subcommand's result into the process exit status.
 pub fn finish(result: anyhow::Result<()>, json: bool) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            if err.downcast_ref::<Reported>().is_some() {
-                eprintln!("error: {err}");
+            let code = exit::code_of(&err);
+            let text = exit::chain_text(&err);
+            if err.downcast_ref::<exit::Reported>().is_some() {
+                eprintln!("{text}");
             } else {
-                eprintln!("error: {err:#}");
+                eprintln!("error: {text}");
                 if json {
-                    println!("{}", serde_json::json!({ "error": format!("{err:#}") }));
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "error": text,
+                            "outcome": exit::outcome(code),
+                            "exit_code": code,
+                        })
+                    );
                 }
             }
-            ExitCode::FAILURE
+            ExitCode::from(code)
         }
     }
 }

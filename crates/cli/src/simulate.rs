@@ -17,7 +17,8 @@ use serde::Serialize;
 use fedlora_secagg::harness::{Clock, Harness, Outcome};
 use fedlora_secagg::{derive, ClientInput, ParamRequest, RoundConfig, Stage, TensorSpec};
 
-use crate::output::{emit, Reported};
+use crate::exit;
+use crate::output::emit;
 
 /// The stage at which dropped clients stop (they send nothing for it or later).
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -145,17 +146,39 @@ fn client_input(seed: u64, i: u32, len: u32, clip: f32, weight_bound: u32) -> Cl
     }
 }
 
+/// A stable word for the kind of abort (JSON `reason`), next to its text (`aborted`).
+fn abort_kind(reason: &fedlora_secagg::AbortReason) -> &'static str {
+    use fedlora_secagg::AbortReason as A;
+    match reason {
+        A::TooFewSurvivors { .. } => "too_few_survivors",
+        A::NeighbourhoodBelowThreshold { .. } => "neighbourhood_below_threshold",
+        A::ReconstructionFailed { .. } => "reconstruction_failed",
+        A::Cancelled { .. } => "cancelled",
+    }
+}
+
 /// Runs `fedlora simulate`.
 pub fn run(args: SimulateArgs, json: bool) -> anyhow::Result<()> {
     crate::threads::init(args.threads)?;
     if !(0.0..=1.0).contains(&args.dropout) {
-        anyhow::bail!("--dropout must be in [0, 1], got {}", args.dropout);
+        return Err(exit::refuse(format!(
+            "--dropout must be in [0, 1], got {}",
+            args.dropout
+        )));
     }
-    if args.params == 0 {
-        anyhow::bail!("--params must be at least 1");
-    }
+    crate::ranges::int("--clients", u64::from(args.clients), 2, 1 << 20)?;
+    crate::ranges::int(
+        "--params",
+        u64::from(args.params),
+        1,
+        fedlora_service::preflight::max_values(),
+    )?;
+    crate::ranges::int("--bound-megabytes", args.bound_megabytes as u64, 1, 1 << 16)?;
     if !(args.clip.is_finite() && args.clip > 0.0) {
-        anyhow::bail!("--clip must be positive and finite, got {}", args.clip);
+        return Err(exit::refuse(format!(
+            "--clip must be positive and finite, got {}",
+            args.clip
+        )));
     }
     let n = args.clients;
     let mut req = ParamRequest::new(n);
@@ -248,10 +271,21 @@ pub fn run(args: SimulateArgs, json: bool) -> anyhow::Result<()> {
     let limits = limits.best(crate::limits::measure(args.bound_megabytes));
 
     if !harness.server_errors.is_empty() || !harness.client_errors.is_empty() {
+        let first = |e: Option<String>| e.unwrap_or_else(|| "none".into());
         anyhow::bail!(
-            "protocol errors in simulation: server {:?}, clients {:?}",
-            harness.server_errors.first(),
-            harness.client_errors.first()
+            "protocol errors in simulation: server: {}; clients: {}",
+            first(
+                harness
+                    .server_errors
+                    .first()
+                    .map(|(c, e)| format!("client {c}: {e}"))
+            ),
+            first(
+                harness
+                    .client_errors
+                    .first()
+                    .map(|(c, e)| format!("client {c}: {e}"))
+            )
         );
     }
     let agg = match outcome {
@@ -260,10 +294,15 @@ pub fn run(args: SimulateArgs, json: bool) -> anyhow::Result<()> {
             if json {
                 println!(
                     "{}",
-                    serde_json::json!({ "aborted": reason.to_string(), "reason": format!("{reason:?}") })
+                    serde_json::json!({
+                        "aborted": reason.to_string(),
+                        "reason": abort_kind(&reason),
+                        "outcome": exit::outcome(exit::ROUNDS_ABORTED),
+                        "exit_code": exit::ROUNDS_ABORTED,
+                    })
                 );
             }
-            return Err(Reported(format!("round aborted: {reason}")).into());
+            return exit::reported(exit::ROUNDS_ABORTED, format!("round aborted: {reason}"));
         }
     };
 

@@ -1,11 +1,10 @@
 //! The worker pool shared by the protocol's parallel loops.
 
-/// Sizes rayon's global pool once; `None` keeps rayon's default (one thread per core).
+/// Sizes rayon's global pool once; `None` keeps rayon's default (one thread per core). `--threads`
+/// is checked as in every subcommand.
 pub fn init(threads: Option<usize>) -> anyhow::Result<()> {
+    crate::ranges::threads(threads)?;
     if let Some(n) = threads {
-        if n == 0 {
-            anyhow::bail!("--threads must be at least 1");
-        }
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global()

@@ -12,7 +12,9 @@ use fedlora_train::run::{evaluate, run_client, ClientJob, EvalConfig, TaskSpec};
 use fedlora_train::threads::configure_threads;
 use fedlora_train::{LoraConfig, TrainConfig};
 
+use crate::exit;
 use crate::output::emit;
+use crate::ranges;
 
 /// Model and runtime options shared by the three commands.
 #[derive(Debug, Args)]
@@ -38,8 +40,10 @@ pub struct CommonArgs {
 }
 
 impl CommonArgs {
-    /// Configures candle's CPU threads (`--threads`) and opens `--device`.
+    /// Checks `--threads` and `--max-len`, configures candle's CPU threads and opens `--device`.
     pub(crate) fn threads_and_device(&self) -> anyhow::Result<(usize, candle_device::Device)> {
+        ranges::threads(self.threads)?;
+        ranges::max_len(self.max_len)?;
         let threads = configure_threads(self.threads);
         Ok((threads, device(&self.device)?))
     }
@@ -55,7 +59,9 @@ fn device(name: &str) -> anyhow::Result<candle_device::Device> {
         "cpu" => Ok(candle_device::Device::Cpu),
         "cuda" => candle_device::Device::new_cuda(0)
             .context("opening CUDA device 0 (build with --features cuda)"),
-        other => anyhow::bail!("unknown device `{other}` (cpu or cuda)"),
+        other => Err(exit::refuse(format!(
+            "unknown --device `{other}` (cpu or cuda)"
+        ))),
     }
 }
 
@@ -134,18 +140,68 @@ fn default_max_len(task: &TaskSpec) -> usize {
     }
 }
 
+/// Checks every flag of `fedlora train` that needs no data, and `--out`, before anything runs.
+fn check_train_args(args: &TrainArgs) -> anyhow::Result<()> {
+    ranges::int("--steps", args.steps as u64, 1, 10_000_000)?;
+    ranges::batch("--batch-size", args.batch_size)?;
+    ranges::lr("--lr", args.lr)?;
+    ranges::rank("--rank", args.rank)?;
+    ranges::fraction("--dropout", f64::from(args.dropout))?;
+    if let Some(w) = args.warmup {
+        ranges::int("--warmup", w as u64, 0, args.steps as u64)?;
+    }
+    if let Some(out) = &args.out {
+        ranges::out_dir("--out", out)?;
+    }
+    Ok(())
+}
+
+/// Held-out loss after training above this multiple of the starting loss (plus one) is taken as
+/// divergence: the adapter is not saved.
+const DIVERGED_RATIO: f64 = 4.0;
+
+/// Refuses the result of a run that diverged: a non-finite loss or adapter value, or a held-out
+/// loss that grew far beyond where it started.
+fn check_converged(
+    report: &fedlora_train::run::ClientReport,
+    adapter: &[f32],
+    lr: f64,
+) -> anyhow::Result<()> {
+    let start = report
+        .before
+        .as_ref()
+        .map_or(report.train.first_loss, |b| b.loss);
+    let end = report.after.loss;
+    let bad_values = adapter.iter().filter(|v| !v.is_finite()).count();
+    if bad_values > 0 || !end.is_finite() || !report.final_loss.is_finite() {
+        anyhow::bail!(
+            "training diverged: {bad_values} of {} adapter values are not finite, held-out loss {end}, last training loss {}; the adapter was not saved: lower --lr (now {lr})",
+            adapter.len(),
+            report.final_loss
+        );
+    }
+    if end > DIVERGED_RATIO * start.max(0.0) + 1.0 {
+        anyhow::bail!(
+            "training diverged: held-out loss rose from {start:.4} to {end:.4} (last training loss {:.4}); the adapter was not saved: lower --lr (now {lr})",
+            report.final_loss
+        );
+    }
+    Ok(())
+}
+
 /// Runs `fedlora train`.
 pub fn run_train(args: TrainArgs, json: bool) -> anyhow::Result<()> {
+    check_train_args(&args)?;
     let (threads, dev) = args.common.threads_and_device()?;
-    let task = TaskSpec::parse(&args.task)?;
+    let task = TaskSpec::parse(&args.task).map_err(exit::refused)?;
     let max_len = args.common.max_len_for(&task);
     let lora = LoraConfig {
         r: args.rank,
         alpha: args.alpha,
         dropout: args.dropout,
-        targets: LoraConfig::parse_targets(&args.targets)?,
+        targets: LoraConfig::parse_targets(&args.targets).map_err(exit::refused)?,
     };
-    lora.validate()?;
+    lora.validate().map_err(exit::refused)?;
     let train = TrainConfig {
         steps: args.steps,
         batch_size: args.batch_size,
@@ -157,7 +213,7 @@ pub fn run_train(args: TrainArgs, json: bool) -> anyhow::Result<()> {
         pad_to: args.pad_to_max_len.then_some(max_len),
         progress: true,
     };
-    train.validate()?;
+    train.validate().map_err(exit::refused)?;
     let job = ClientJob {
         task,
         model: args.common.model.as_deref().map(ModelSpec::parse),
@@ -176,6 +232,8 @@ pub fn run_train(args: TrainArgs, json: bool) -> anyhow::Result<()> {
         loss_on_prompt: args.loss_on_prompt,
     };
     let (model, report) = run_client(&job, threads, &dev)?;
+    let values = fedlora_train::adapter::flatten(&fedlora_train::adapter::adapter_tensors(&model))?;
+    check_converged(&report, &values, args.lr)?;
     if let Some(out) = &args.out {
         save_adapter(&model, &lora, out)
             .with_context(|| format!("saving the adapter to {}", out.display()))?;
@@ -255,8 +313,20 @@ pub struct EvalArgs {
 /// Runs `fedlora eval`.
 pub fn run_eval(args: EvalArgs, json: bool) -> anyhow::Result<()> {
     let start = Instant::now();
+    ranges::batch("--batch-size", args.batch_size)?;
+    if let Some(p) = &args.predictions {
+        ranges::out_file("--predictions", p)?;
+    }
+    if let Some(a) = &args.adapter {
+        if !a.is_dir() {
+            return Err(exit::refuse(format!(
+                "--adapter {}: not a directory (an adapter directory holds adapter_model.safetensors and adapter_config.json)",
+                a.display()
+            )));
+        }
+    }
     let (threads, dev) = args.common.threads_and_device()?;
-    let task = TaskSpec::parse(&args.task)?;
+    let task = TaskSpec::parse(&args.task).map_err(exit::refused)?;
     let max_len = args.common.max_len_for(&task);
     let mut data = task.load(args.common.seed)?;
     data.truncate(None, args.eval_examples);
@@ -271,6 +341,16 @@ pub fn run_eval(args: EvalArgs, json: bool) -> anyhow::Result<()> {
     if let Some(a) = &args.adapter {
         load_adapter(&mut model, a)
             .with_context(|| format!("loading the adapter {}", a.display()))?;
+        let values =
+            fedlora_train::adapter::flatten(&fedlora_train::adapter::adapter_tensors(&model))?;
+        let bad = values.iter().filter(|v| !v.is_finite()).count();
+        if bad > 0 {
+            anyhow::bail!(
+                "the adapter {} has {bad} non-finite values (NaN or infinite) of {}: it cannot be scored; it comes from a run that diverged",
+                a.display(),
+                values.len()
+            );
+        }
     }
     let test = model.encode(&data.test, max_len)?;
     let cfg = EvalConfig {
@@ -296,6 +376,12 @@ pub fn run_eval(args: EvalArgs, json: bool) -> anyhow::Result<()> {
         evaluate(&model, &data, &test, &cfg)?
     };
     let secs = eval_start.elapsed().as_secs_f64();
+    if !rep.loss.is_finite() {
+        anyhow::bail!(
+            "held-out loss is {}: the model's weights are not finite; no score is reported",
+            rep.loss
+        );
+    }
     if let Some(path) = &args.predictions {
         write_predictions(path, &data, &preds)?;
     }
@@ -305,11 +391,8 @@ pub fn run_eval(args: EvalArgs, json: bool) -> anyhow::Result<()> {
         "model": model.name,
         "adapter": args.adapter.as_ref().map(|a| a.display().to_string()),
         "examples": rep.examples,
-        "steps": 0,
-        // Evaluation throughput (real tokens scored per second, generation included), and the
-        // held-out loss: `eval` trains nothing, so these stand in for the training figures.
+        // Evaluation throughput: real tokens scored per second, generation included.
         "tokens_per_second": tokens as f64 / secs.max(1e-9),
-        "final_loss": rep.loss,
         "loss": rep.loss,
         "accuracy": rep.accuracy,
         "exact_match": rep.exact_match,
@@ -374,6 +457,7 @@ pub struct GenerateArgs {
 
 /// Runs `fedlora generate`.
 pub fn run_generate(args: GenerateArgs, json: bool) -> anyhow::Result<()> {
+    ranges::int("--max-new-tokens", args.max_new_tokens as u64, 1, 1 << 16)?;
     let (threads, dev) = args.common.threads_and_device()?;
     let spec = args
         .common

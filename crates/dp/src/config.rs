@@ -10,13 +10,13 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ConfigError {
     /// A mode other than `none` needs exactly one of `noise_multiplier` and `target_epsilon`.
-    #[error("privacy mode {0:?} needs exactly one of noise_multiplier and target_epsilon")]
+    #[error("privacy mode = \"{}\" needs exactly one of noise_multiplier and target_epsilon (with rounds)", mode_name(*.0))]
     NoiseSpec(PrivacyMode),
     /// `target_epsilon` needs `rounds` to know how many rounds the noise must cover.
     #[error("target_epsilon needs rounds")]
     MissingRounds,
     /// A mode other than `none` needs a positive, finite `clip_norm`.
-    #[error("clip_norm must be finite and > 0 (got {0:?})")]
+    #[error("{}", clip_norm_message(*.0))]
     ClipNorm(Option<f64>),
     /// A probability-like field was out of range.
     #[error("{name} must be in {range}, got {value}")]
@@ -31,6 +31,23 @@ pub enum ConfigError {
     /// The accountant rejected a parameter.
     #[error(transparent)]
     Accountant(#[from] AccountantError),
+}
+
+/// The mode as written in the configuration.
+fn mode_name(mode: PrivacyMode) -> &'static str {
+    match mode {
+        PrivacyMode::None => "none",
+        PrivacyMode::Distributed => "distributed",
+        PrivacyMode::Local => "local",
+        PrivacyMode::Central => "central",
+    }
+}
+
+fn clip_norm_message(clip: Option<f64>) -> String {
+    match clip {
+        None => "clip_norm is missing: set it to the L2 norm each client clips its update to (e.g. clip_norm = 1.0); noise is calibrated to it".into(),
+        Some(c) => format!("clip_norm must be a finite number > 0, got {c}"),
+    }
 }
 
 fn default_delta() -> f64 {

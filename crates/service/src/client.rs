@@ -49,6 +49,14 @@ pub enum ClientRunError {
         "the server runs federated fine-tuning; this client needs a [train] section to take part"
     )]
     NoTrainer,
+    /// The server address could not be resolved.
+    #[error("resolving the server address {server}: {source}")]
+    Resolve {
+        /// `server` as configured.
+        server: String,
+        /// Underlying error.
+        source: std::io::Error,
+    },
 }
 
 /// Test and benchmark knobs not in the config file.
@@ -74,8 +82,10 @@ pub struct ClientRound {
     pub round: u64,
     /// This client's id in the round.
     pub client_id: u32,
-    /// `finished` (global state received), `aborted`, `failed`, or `refused` (roster outside
-    /// `known_peers`).
+    /// `finished` (global state received), `aborted` (by the protocol: too few survivors, a
+    /// failed check), `interrupted` (the server cancelled the round, e.g. on shutdown, or the
+    /// connection was lost: not counted toward `max_rounds`), `failed` (this client could not take
+    /// part), or `refused` (roster outside `known_peers`).
     pub outcome: String,
     /// Abort reason or local failure.
     pub reason: Option<String>,
@@ -90,6 +100,9 @@ pub struct ClientRound {
     pub udp_tx_bytes: u64,
     /// Packets QUIC declared lost (and resent) on this connection during the round.
     pub lost_packets: u64,
+    /// Values of this client's contribution beyond the round's per-value clip (clipped before
+    /// masking: the aggregate moved).
+    pub clipped_values: u64,
 }
 
 /// What `run_client` returns.
@@ -121,6 +134,8 @@ struct Current {
     purpose: Purpose,
     /// Federated rounds: the local training or evaluation under way.
     pending: Option<Pending>,
+    /// Values clipped by the round's per-value range.
+    clipped_values: u64,
 }
 
 /// The client's synthetic input for a round: `len` values in [-0.5, 0.5), determined by
@@ -132,7 +147,16 @@ pub fn synthetic_input(seed: u64, round: u64, len: usize) -> Vec<f32> {
     (0..len).map(|_| rng.random::<f32>() - 0.5).collect()
 }
 
-fn load_input(cfg: &InputConfig, round: u64, len: usize) -> Result<ClientInput, ClientRunError> {
+fn load_input(
+    cfg: Option<&InputConfig>,
+    round: u64,
+    len: usize,
+) -> Result<ClientInput, ClientRunError> {
+    let Some(cfg) = cfg else {
+        return Err(ClientRunError::Input(
+            "the server runs plain (vector) rounds and this client has no [input] section: add [input] kind = \"file\" with the adapter delta to contribute".into(),
+        ));
+    };
     match cfg {
         InputConfig::Synthetic { seed, weight } => Ok(ClientInput {
             values: synthetic_input(*seed, round, len),
@@ -143,9 +167,10 @@ fn load_input(cfg: &InputConfig, round: u64, len: usize) -> Result<ClientInput, 
                 .map_err(|e| ClientRunError::Input(format!("{}: {e}", path.display())))?;
             if bytes.len() != len * 4 {
                 return Err(ClientRunError::Input(format!(
-                    "{}: {} bytes, the round's manifest needs {len} f32 values ({} bytes)",
+                    "input.path {}: {} bytes ({} f32 values), but the server's rounds sum {len} values ({} bytes): the file must hold exactly the server's rounds.parameters values",
                     path.display(),
                     bytes.len(),
+                    bytes.len() / 4,
                     len * 4
                 )));
             }
@@ -193,8 +218,29 @@ pub async fn run_client_with(
     let trust = cfg.trust.to_trust()?;
     let mut failures = 0u32;
     loop {
+        let addr = match cfg.server.resolve().await {
+            Ok(a) => a,
+            Err(source) => {
+                let e = ClientRunError::Resolve {
+                    server: cfg.server.to_string(),
+                    source,
+                };
+                // A name that does not resolve yet (DNS, a Kubernetes service starting) is worth
+                // retrying once the server had admitted this client; at the first start a
+                // supervisor restarts the process.
+                if !run.admitted() || failures >= cfg.reconnect_attempts {
+                    return Err(e);
+                }
+                run.abandon_current("interrupted", format!("connection lost: {e}"));
+                let delay = reconnect_delay(cfg.reconnect_delay_ms, failures);
+                failures += 1;
+                warn!(error = %e, attempt = failures, of = cfg.reconnect_attempts, "cannot resolve the server; retrying");
+                tokio::time::sleep(delay).await;
+                continue;
+            }
+        };
         let connected = ClientSession::connect(
-            cfg.server,
+            addr,
             &cfg.server_name,
             &trust,
             &run.identity,
@@ -205,7 +251,7 @@ pub async fn run_client_with(
         let lost = match connected {
             Ok(mut s) => {
                 failures = 0;
-                info!(server = %cfg.server, identity = %run.identity.public().to_hex(), "connected and authenticated");
+                info!(target: "progress::client", "connected to {} ({addr}) and authenticated as {}", cfg.server, short_key(&run.identity.public().to_hex()));
                 match run.session(&mut s).await {
                     Ok(()) => {
                         s.close().await;
@@ -220,7 +266,7 @@ pub async fn run_client_with(
             Err(e) if run.admitted() && e.is_connection_loss() => e,
             Err(e) => return Err(e.into()),
         };
-        run.abandon_current(format!("connection lost: {lost}"));
+        run.abandon_current("interrupted", format!("connection lost: {lost}"));
         if failures >= cfg.reconnect_attempts {
             return Err(lost.into());
         }
@@ -253,13 +299,14 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
-    /// Records the round in progress, if it has no outcome yet, as `failed` for `reason`.
-    fn abandon_current(&mut self, reason: String) {
+    /// Records the round in progress, if it has no outcome yet, as `outcome` for `reason`.
+    fn abandon_current(&mut self, outcome: &str, reason: String) {
         if let Some(old) = self.current.take() {
             if old.result.is_none() {
+                info!(target: "progress::client", "round {}: {outcome}: {reason}", old.round);
                 self.report
                     .rounds
-                    .push(round_result(&old, "failed", Some(reason), None));
+                    .push(round_result(&old, outcome, Some(reason), None));
             }
         }
     }
@@ -308,7 +355,7 @@ impl Run<'_> {
                             peer = unknown,
                             "roster names an identity outside known_peers; sitting this round out"
                         );
-                        self.abandon_current("superseded by a new round".into());
+                        self.abandon_current("failed", "superseded by a new round".into());
                         self.report.rounds.push(ClientRound {
                             round: h.round,
                             client_id: h.sender,
@@ -321,19 +368,21 @@ impl Run<'_> {
                             masked_input_bytes: 0,
                             udp_tx_bytes: 0,
                             lost_packets: 0,
+                            clipped_values: 0,
                         });
                         if reached(self.cfg, &self.report) {
                             break;
                         }
                         continue;
                     }
-                    self.abandon_current("superseded by a new round".into());
+                    self.abandon_current("failed", "superseded by a new round".into());
                     info!(
-                        round = h.round,
-                        client_id = h.sender,
-                        clients = peers.len(),
-                        purpose = ?start.purpose,
-                        "invited to round"
+                        target: "progress::client",
+                        "round {}: invited ({} round, {} clients, this client is {})",
+                        h.round,
+                        start.purpose.name(),
+                        peers.len(),
+                        h.sender
                     );
                     let pending = match start.purpose {
                         Purpose::Vector => None,
@@ -359,6 +408,7 @@ impl Run<'_> {
                         setup: None,
                         purpose: start.purpose,
                         pending,
+                        clipped_values: 0,
                     });
                 }
                 Kind::Protocol => {
@@ -389,13 +439,22 @@ impl Run<'_> {
                                 .with_noise_free_tail(public_tail(setup))
                         } else {
                             let len = fedlora_secagg::manifest_len(&setup.manifest) as usize;
-                            let mut input = load_input(&self.cfg.input, cur.round, len)?;
+                            let mut input = load_input(self.cfg.input.as_ref(), cur.round, len)?;
                             // Differential privacy: clip the whole contribution in L2 norm before
                             // it is quantized (protocol-spec §7.2).
                             if let Some(c) = self.privacy.as_ref().and_then(|p| p.clip_norm) {
                                 fedlora_dp::clip_l2(&mut input.values, c)
                                     .map_err(|e| ClientRunError::Input(format!("clipping: {e}")))?;
                             }
+                            let range = crate::contribution::check(
+                                &mut input,
+                                setup.params.clip,
+                                setup.params.weight_bound,
+                                cur.round,
+                                "[input]",
+                            )
+                            .map_err(ClientRunError::Input)?;
+                            cur.clipped_values = range.clipped;
                             Client::new(cur.id, input, &mut rand::rng())
                         }
                         .with_authenticator(Box::new(auth));
@@ -414,7 +473,9 @@ impl Run<'_> {
                         continue;
                     };
                     let abort = match &msg {
-                        ServerMessage::Abort(reason) => Some(reason.to_string()),
+                        ServerMessage::Abort(reason) => {
+                            Some((abort_outcome(reason), reason.to_string()))
+                        }
                         _ => None,
                     };
                     if client.input_due() && matches!(msg, ServerMessage::ShareBroadcast(_)) {
@@ -422,14 +483,17 @@ impl Run<'_> {
                         let provided = match (cur.pending.take(), cur.setup.as_ref()) {
                             (Some(p), Some(setup)) => {
                                 let clip = self.privacy.as_ref().and_then(|p| p.clip_norm);
-                                take_input(p, setup, clip).await
+                                take_input(p, setup, clip).await.map(|(input, clipped)| {
+                                    cur.clipped_values = clipped;
+                                    input
+                                })
                             }
                             _ => Err("no local work was started for this round".into()),
                         };
                         if let Err(e) = provided.and_then(|input| {
                             client.provide_input(input).map_err(|e| e.to_string())
                         }) {
-                            warn!(round = cur.round, error = %e, "local training failed; leaving the round");
+                            warn!(round = cur.round, error = %e, "local training or scoring failed; leaving the round");
                             self.report
                                 .rounds
                                 .push(round_result(cur, "failed", Some(e), None));
@@ -481,10 +545,11 @@ impl Run<'_> {
                                 "unmasking answered; waiting for the global state"
                             ),
                             ClientEvent::Aborted(reason) => {
-                                warn!(round = cur.round, %reason, "round aborted by server");
+                                let outcome = abort_outcome(&reason);
+                                warn!(round = cur.round, %reason, "round {outcome} by the server");
                                 cur.result = Some(round_result(
                                     cur,
-                                    "aborted",
+                                    outcome,
                                     Some(reason.to_string()),
                                     None,
                                 ));
@@ -495,13 +560,20 @@ impl Run<'_> {
                             }
                         }
                     }
-                    if let (Some(reason), None) = (abort, &cur.result) {
+                    if let (Some((outcome, reason)), None) = (abort, &cur.result) {
                         // The state machine had already finished its part (e.g. answered the unmask
                         // request); the round still ended without an aggregate.
-                        warn!(round = cur.round, %reason, "round aborted by server");
-                        cur.result = Some(round_result(cur, "aborted", Some(reason), None));
+                        warn!(round = cur.round, %reason, "round {outcome} by the server");
+                        cur.result = Some(round_result(cur, outcome, Some(reason), None));
                     }
                     if let Some(done) = cur.result.clone() {
+                        info!(
+                            target: "progress::client",
+                            "round {}: {}{}",
+                            done.round,
+                            done.outcome,
+                            done.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()
+                        );
                         self.report.rounds.push(done);
                         self.current = None;
                         self.fail_before = None;
@@ -537,6 +609,9 @@ impl Run<'_> {
                                 .map_err(ClientRunError::State)?;
                         }
                         info!(round = h.round, sha256 = %hex_hash, bytes = payload.len() - 32, "global state received");
+                        if let Some(dir) = &self.cfg.state_dir {
+                            info!(target: "progress::client", "round {}: global state written to {}", h.round, dir.display());
+                        }
                         hex_hash
                     };
                     match self.current.take() {
@@ -548,6 +623,7 @@ impl Run<'_> {
                             let stats = s.conn.stats();
                             (cur.udp_tx_now, cur.lost_now) =
                                 (stats.udp_tx.bytes, stats.path.lost_packets);
+                            info!(target: "progress::client", "round {}: finished ({} round)", cur.round, cur.purpose.name());
                             self.report.rounds.push(round_result(
                                 &cur,
                                 "finished",
@@ -578,6 +654,7 @@ impl Run<'_> {
                         write_state(dir, h.round, state, "f32").map_err(ClientRunError::State)?;
                     }
                     info!(round = h.round, sha256 = %hex_hash, values = state.len() / 4, "global state received");
+                    info!(target: "progress::client", "round {}: finished; global state received ({} values, sha256 {}){}", h.round, state.len() / 4, &hex_hash[..16], self.cfg.state_dir.as_ref().map(|d| format!(", written to {}", d.display())).unwrap_or_default());
                     match self.current.take() {
                         Some(mut cur) if cur.round == h.round => {
                             let stats = s.conn.stats();
@@ -603,9 +680,7 @@ impl Run<'_> {
                     break;
                 }
                 other => {
-                    return Err(
-                        SessionError::Violation(format!("unexpected {other:?} frame")).into(),
-                    )
+                    return Err(SessionError::Violation(format!("unexpected {other} frame")).into())
                 }
             }
         }
@@ -639,9 +714,31 @@ fn blocking<R>(f: impl FnOnce() -> R) -> R {
     }
 }
 
+/// Whether `max_rounds` is reached. A round the server cancelled or a lost connection cut short
+/// (`interrupted`) does not count: it is taken part in again after the server's restart.
 fn reached(cfg: &ClientConfig, report: &ClientReport) -> bool {
-    cfg.max_rounds
-        .is_some_and(|m| report.rounds.len() as u64 >= m)
+    cfg.max_rounds.is_some_and(|m| {
+        report
+            .rounds
+            .iter()
+            .filter(|r| r.outcome != "interrupted")
+            .count() as u64
+            >= m
+    })
+}
+
+/// The outcome of a round the server aborted: `interrupted` when the server cancelled it (operator
+/// shutdown, deadlines), `aborted` when the protocol failed it.
+fn abort_outcome(reason: &fedlora_secagg::AbortReason) -> &'static str {
+    match reason {
+        fedlora_secagg::AbortReason::Cancelled { .. } => "interrupted",
+        _ => "aborted",
+    }
+}
+
+/// The first 16 hex digits of a key, enough to recognise it in a log.
+fn short_key(hex_key: &str) -> &str {
+    &hex_key[..hex_key.len().min(16)]
 }
 
 fn round_result(
@@ -660,6 +757,7 @@ fn round_result(
         masked_input_bytes: cur.masked_input_bytes,
         udp_tx_bytes: cur.udp_tx_now.saturating_sub(cur.udp_tx_start),
         lost_packets: cur.lost_now.saturating_sub(cur.lost_start),
+        clipped_values: cur.clipped_values,
     }
 }
 
@@ -742,13 +840,15 @@ mod tests {
             path: p.clone(),
             weight: 2,
         };
-        let input = load_input(&cfg, 0, 3).expect("load");
+        let input = load_input(Some(&cfg), 0, 3).expect("load");
         assert_eq!(input.values, vals);
         assert_eq!(input.weight, 2);
         assert!(matches!(
-            load_input(&cfg, 0, 4),
+            load_input(Some(&cfg), 0, 4),
             Err(ClientRunError::Input(_))
         ));
+        let e = load_input(None, 0, 4).expect_err("no input");
+        assert!(e.to_string().contains("no [input] section"), "{e}");
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

@@ -39,6 +39,14 @@ pub enum ConfigError {
     /// A TLS setting is malformed.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// A configuration file's content is invalid: the file, then what and how to fix it.
+    #[error("{path}: {source}")]
+    File {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        source: Box<ConfigError>,
+    },
 }
 
 /// A secret string (e.g. an inline identity key): zeroized on drop, `[redacted]` in Debug.
@@ -147,8 +155,8 @@ fn default_reconnect_delay_ms() -> u64 {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
-    /// UDP address to listen on.
-    #[serde(default = "default_listen")]
+    /// UDP address to listen on (an IP address of this host and a port).
+    #[serde(default = "default_listen", deserialize_with = "listen_addr")]
     pub listen: SocketAddr,
     /// Directory for the SQLite store, aggregates, and a generated certificate.
     #[serde(default = "default_data_dir")]
@@ -324,6 +332,16 @@ pub struct EnrolledClient {
     pub public_key: String,
 }
 
+/// `listen`: a local IP address and port, with a message that says so.
+fn listen_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map_err(|_| {
+        serde::de::Error::custom(format!(
+            "listen = \"{s}\" is not an IP address and port of this host: write e.g. \"0.0.0.0:4433\" (all IPv4 interfaces) or \"[::]:4433\""
+        ))
+    })
+}
+
 /// Parses a configuration file, resolves its relative paths against the file's directory and
 /// validates it: the one load path of both the server and the client configuration.
 fn load_file<T: serde::de::DeserializeOwned>(
@@ -335,7 +353,10 @@ fn load_file<T: serde::de::DeserializeOwned>(
     if let Some(base) = path.parent() {
         resolve_paths(&mut cfg, base);
     }
-    validate(&cfg)?;
+    validate(&cfg).map_err(|e| ConfigError::File {
+        path: path.display().to_string(),
+        source: Box::new(e),
+    })?;
     Ok(cfg)
 }
 
@@ -364,7 +385,9 @@ impl ServerConfig {
         parse_inline(text, Self::validate)
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks every value (no side effect); also after command-line overrides.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        crate::preflight::server_values(self)?;
         let r = &self.rounds;
         if r.min_clients < 2 {
             return Err(ConfigError::Invalid(
@@ -434,8 +457,9 @@ impl ServerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientConfig {
-    /// Server address (`host:port` with a literal IP).
-    pub server: SocketAddr,
+    /// Server address: `host:port` with an IP address or a DNS name (resolved at every connection
+    /// attempt).
+    pub server: crate::addr::ServerAddr,
     /// TLS server name to present (SNI).
     #[serde(default = "default_server_name")]
     pub server_name: String,
@@ -443,9 +467,11 @@ pub struct ClientConfig {
     pub trust: TrustConfig,
     /// The long-term identity key.
     pub identity: IdentityConfig,
-    /// Where the client's contribution comes from.
+    /// Where the client's contribution to plain (vector) rounds comes from. Required unless a
+    /// `[train]` section is given: a client never contributes made-up values unless told to
+    /// (`kind = "synthetic"`, for tests and demos).
     #[serde(default)]
-    pub input: InputConfig,
+    pub input: Option<InputConfig>,
     /// Differential privacy (protocol-spec §7): L2 clipping of the contribution and, in
     /// `distributed` or `local` mode, the noise this client adds inside its masks, calibrated from
     /// this section (never from the server). Absent means mode `none`.
@@ -579,7 +605,7 @@ impl ClientConfig {
         self.identity.key_file = self.identity.key_file.as_ref().map(|p| base.join(p));
         self.trust.ca_cert = self.trust.ca_cert.as_ref().map(|p| base.join(p));
         self.state_dir = self.state_dir.as_ref().map(|p| base.join(p));
-        if let InputConfig::File { path, .. } = &mut self.input {
+        if let Some(InputConfig::File { path, .. }) = &mut self.input {
             *path = base.join(&*path);
         }
         if let Some(t) = self.train.as_mut() {
@@ -594,7 +620,9 @@ impl ClientConfig {
         }
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks every value (no side effect); also after command-line overrides.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        crate::preflight::client_values(self)?;
         if self.trust.server_fingerprint.is_some() == self.trust.ca_cert.is_some() {
             return Err(ConfigError::Invalid(
                 "trust: give exactly one of server_fingerprint and ca_cert".into(),
@@ -694,7 +722,7 @@ mod tests {
     fn client_secret_is_redacted() {
         let seed = "11".repeat(32);
         let text = format!(
-            "server = \"127.0.0.1:4433\"\n[trust]\nserver_fingerprint = \"{}\"\n[identity]\nkey = \"{seed}\"\n",
+            "server = \"127.0.0.1:4433\"\n[trust]\nserver_fingerprint = \"{}\"\n[identity]\nkey = \"{seed}\"\n[input]\nkind = \"synthetic\"\n",
             "ab".repeat(32)
         );
         let cfg = ClientConfig::from_toml(&text).expect("parse");
@@ -704,8 +732,22 @@ mod tests {
         assert!(cfg.identity.load().is_ok());
         assert!(matches!(
             cfg.input,
-            InputConfig::Synthetic { seed: 0, weight: 1 }
+            Some(InputConfig::Synthetic { seed: 0, weight: 1 })
         ));
+    }
+
+    #[test]
+    fn a_client_without_input_or_train_is_refused() {
+        let text = format!(
+            "server = \"localhost:4433\"\n[trust]\nserver_fingerprint = \"{}\"\n[identity]\nkey = \"{}\"\n",
+            "ab".repeat(32),
+            "11".repeat(32)
+        );
+        let e = ClientConfig::from_toml(&text).expect_err("no input");
+        assert!(e.to_string().contains("[input]"), "{e}");
+        let e = ClientConfig::from_toml(&text.replace("localhost:4433", "localhost"))
+            .expect_err("no port");
+        assert!(e.to_string().contains("host:port"), "{e}");
     }
 
     #[test]

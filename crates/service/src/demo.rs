@@ -156,6 +156,11 @@ pub async fn run_demo(opts: DemoOptions) -> Result<DemoReport, DemoError> {
     if opts.clients < 2 {
         return Err(DemoError::Invalid("at least 2 clients".into()));
     }
+    if opts.rounds == 0 || opts.parameters == 0 || opts.stage_timeout_ms == 0 {
+        return Err(DemoError::Invalid(
+            "rounds, parameters and the stage timeout must be at least 1".into(),
+        ));
+    }
     let dir = opts.dir.clone().unwrap_or_else(|| {
         std::env::temp_dir().join(format!("fedlora-demo-{}", rand::random::<u64>()))
     });
@@ -224,7 +229,7 @@ pub async fn run_demo(opts: DemoOptions) -> Result<DemoReport, DemoError> {
     let mut tasks = Vec::new();
     for (i, key) in keys.iter().enumerate() {
         let cfg = ClientConfig {
-            server: listening.addr,
+            server: listening.addr.into(),
             server_name: "localhost".into(),
             trust: TrustConfig {
                 server_fingerprint: Some(hex::encode(listening.fingerprint)),
@@ -234,10 +239,10 @@ pub async fn run_demo(opts: DemoOptions) -> Result<DemoReport, DemoError> {
                 key_file: None,
                 key: Some(hex::encode(*key.seed()).into()),
             },
-            input: InputConfig::Synthetic {
+            input: Some(InputConfig::Synthetic {
                 seed: i as u64,
                 weight: 1,
-            },
+            }),
             max_rounds: None,
             privacy: opts.privacy.clone(),
             connect_timeout_ms: 10_000,

@@ -84,11 +84,13 @@ impl FederationSection {
                 self.value_clip
             )));
         }
-        if self.weight_bound == 0 || self.train_timeout_ms == 0 {
+        if self.weight_bound == 0 {
             return Err(ConfigError::Invalid(
-                "federation.weight_bound and federation.train_timeout_ms must be positive".into(),
+                "federation.weight_bound must be at least 1".into(),
             ));
         }
+        crate::ranges::timeout_ms("federation.train_timeout_ms", self.train_timeout_ms)
+            .map_err(ConfigError::Invalid)?;
         let layout = read_layout(&self.layout)?;
         if !rule.uses_ranks() && layout.partitions.len() > 1 {
             return Err(ConfigError::Invalid(format!(
@@ -209,23 +211,25 @@ impl TrainSection {
                 self.shard, self.shards
             ));
         }
-        if self.rank == 0 || self.rank > 4096 {
-            return bad(format!("rank must be in 1..=4096, got {}", self.rank));
+        let r = |res: Result<(), String>| res.map_err(ConfigError::Invalid);
+        r(crate::ranges::rank("train.rank", self.rank))?;
+        r(crate::ranges::epochs(
+            "train.local_epochs",
+            self.local_epochs,
+        ))?;
+        r(crate::ranges::lr("train.lr", self.lr))?;
+        r(crate::ranges::batch("train.batch_size", self.batch_size))?;
+        if let Some(t) = self.threads {
+            r(crate::ranges::threads("train.threads", t))?;
         }
-        if !(self.local_epochs.is_finite() && self.local_epochs > 0.0) {
+        if let Some(m) = self.max_len {
+            r(crate::ranges::max_len("train.max_len", m))?;
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
             return bad(format!(
-                "local_epochs must be positive, got {}",
-                self.local_epochs
+                "lora_dropout must be in [0, 1), got {}",
+                self.lora_dropout
             ));
-        }
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            return bad(format!("lr must be positive, got {}", self.lr));
-        }
-        if self.batch_size == 0 {
-            return bad("batch_size must be at least 1".into());
-        }
-        if self.threads == Some(0) {
-            return bad("threads must be at least 1".into());
         }
         Ok(())
     }
@@ -243,6 +247,17 @@ pub enum Purpose {
     /// Evaluate: clients upload `(metric, loss)` of the global state named in the start, weighted
     /// by their held-out examples.
     Eval,
+}
+
+impl Purpose {
+    /// `vector`, `train` or `eval`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Purpose::Vector => "vector",
+            Purpose::Train => "train",
+            Purpose::Eval => "eval",
+        }
+    }
 }
 
 /// Manifest name of an evaluation round's values.

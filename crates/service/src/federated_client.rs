@@ -130,17 +130,33 @@ impl FedClient {
     }
 }
 
-/// Waits for the round's work and turns it into the state machine's input: the weight capped at
-/// the round's bound, the private part clipped in L2 for differential privacy (training only).
+/// Waits for the round's work and turns it into the state machine's input: the private part
+/// clipped in L2 for differential privacy (training only), then checked against the round's
+/// per-value clip and weight bound (clipped values counted and reported, the weight capped with a
+/// warning, non-finite values refused). Returns the input and the number of clipped values. While
+/// the work runs, a progress line a minute says so.
 pub async fn take_input(
     pending: Pending,
     setup: &RoundSetup,
     clip_norm: Option<f64>,
-) -> Result<ClientInput, String> {
-    let mut upload = pending
-        .handle
-        .await
-        .map_err(|e| format!("local work stopped: {e}"))??;
+) -> Result<(ClientInput, u64), String> {
+    let started = std::time::Instant::now();
+    let mut handle = pending.handle;
+    let verb = match pending.purpose {
+        Purpose::Eval => "scoring the global adapter",
+        _ => "training locally",
+    };
+    let mut upload = loop {
+        tokio::select! {
+            done = &mut handle => break done.map_err(|e| format!("local work stopped: {e}"))??,
+            _ = tokio::time::sleep(PROGRESS_EVERY) => tracing::info!(
+                target: "progress::client",
+                "round {}: still {verb} ({:.0} s)",
+                setup.round,
+                started.elapsed().as_secs_f64()
+            ),
+        }
+    };
     let want = fedlora_secagg::manifest_len(&setup.manifest);
     if upload.values.len() as u64 != want {
         return Err(format!(
@@ -152,11 +168,26 @@ pub async fn take_input(
         fedlora_dp::clip_l2(upload.private_values_mut(), c)
             .map_err(|e| format!("clipping: {e}"))?;
     }
-    Ok(ClientInput {
+    let mut input = ClientInput {
         values: std::mem::take(&mut upload.values),
-        weight: upload.weight.clamp(1, setup.params.weight_bound),
-    })
+        weight: upload.weight.max(1),
+    };
+    let what = match pending.purpose {
+        Purpose::Eval => "the held-out score",
+        _ => "the trained update",
+    };
+    let range = crate::contribution::check(
+        &mut input,
+        setup.params.clip,
+        setup.params.weight_bound,
+        setup.round,
+        what,
+    )?;
+    Ok((input, range.clipped))
 }
+
+/// How often a client waiting on its local work says so.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 #[cfg(test)]
 mod tests {

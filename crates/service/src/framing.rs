@@ -60,6 +60,20 @@ pub enum Kind {
     Done = 7,
 }
 
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kind::Hello => "hello",
+            Kind::Welcome => "welcome",
+            Kind::Refused => "refused",
+            Kind::RoundStart => "round-start",
+            Kind::Protocol => "protocol",
+            Kind::GlobalState => "global-state",
+            Kind::Done => "done",
+        })
+    }
+}
+
 impl TryFrom<u8> for Kind {
     type Error = FrameError;
     fn try_from(v: u8) -> Result<Self, FrameError> {

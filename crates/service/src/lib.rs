@@ -7,10 +7,12 @@
 //! ([`config`]), the SQLite store and audit log ([`store`]), and the clock ([`clock`]).
 //! See `protocol-spec/08-transport.md`.
 
+pub mod addr;
 pub mod auth;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod contribution;
 pub mod demo;
 pub mod federated;
 pub mod federated_client;
@@ -18,9 +20,13 @@ pub mod framing;
 pub mod identity;
 pub mod logging;
 pub mod pacing;
+pub mod paths;
+pub mod preflight;
 pub mod quic;
+pub mod ranges;
 pub mod server;
 pub mod session;
+pub mod shutdown;
 pub mod store;
 pub mod throughput;
 pub mod tls;

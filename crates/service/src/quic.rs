@@ -8,7 +8,7 @@ use std::time::Duration;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 
 use crate::pacing::Windows;
-use crate::tls::{client_rustls_config, ServerCert, ServerTrust, TlsError};
+use crate::tls::{client_rustls_config_seen, Presented, ServerCert, ServerTrust, TlsError};
 
 /// Errors setting up or using QUIC endpoints.
 #[derive(Debug, thiserror::Error)]
@@ -132,7 +132,16 @@ pub fn client_endpoint(
     server: SocketAddr,
     trust: &ServerTrust,
 ) -> Result<quinn::Endpoint, QuicError> {
-    let crypto = QuicClientConfig::try_from(client_rustls_config(trust)?)
+    client_endpoint_seen(server, trust, &Presented::default())
+}
+
+/// [`client_endpoint`] that records the certificate fingerprint the server presents in `seen`.
+pub fn client_endpoint_seen(
+    server: SocketAddr,
+    trust: &ServerTrust,
+    seen: &Presented,
+) -> Result<quinn::Endpoint, QuicError> {
+    let crypto = QuicClientConfig::try_from(client_rustls_config_seen(trust, seen)?)
         .map_err(|e| QuicError::Crypto(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(client_transport_config());

@@ -28,9 +28,10 @@ use crate::identity::{PublicIdentity, Registry, HELLO_CONTEXT};
 use crate::pacing::{read_holding, UploadPacer, Windows, SLOT_STALL};
 use crate::quic::{server_endpoint, QuicError};
 use crate::session::{
-    exporter, server_stage_code, stage_code, RoundStart, CLOSE_OK, CLOSE_REFUSED, CLOSE_VIOLATION,
-    MAX_HELLO_FRAME, NO_STAGE,
+    exporter, server_stage_code, stage_code, RoundStart, CLOSE_OK, CLOSE_REFUSED, CLOSE_SHUTDOWN,
+    CLOSE_VIOLATION, MAX_HELLO_FRAME, NO_STAGE,
 };
+use crate::shutdown::{Shutdown, Stop};
 use crate::store::{Store, StoreError};
 use crate::tls::{ServerCert, TlsError};
 
@@ -56,6 +57,10 @@ pub enum ServerError {
     /// The privacy section is invalid.
     #[error("privacy: {0}")]
     Privacy(#[from] fedlora_dp::ServerPrivacyError),
+    /// A shutdown was requested while waiting for clients (handled inside [`serve_until`], which
+    /// then returns its report).
+    #[error("stopped by {}", .0.signal)]
+    Shutdown(Stop),
 }
 
 /// Where the server listens and the certificate fingerprint clients pin.
@@ -131,6 +136,8 @@ pub struct ServerReport {
     /// The federated run, when configured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub federation: Option<FederationReport>,
+    /// The signal that stopped the server before its last round, if one did.
+    pub shutdown: Option<Stop>,
 }
 
 /// What a federated run produced.
@@ -146,6 +153,12 @@ pub struct FederationReport {
     /// is the initial model's.
     pub scores: Vec<(u64, f64, f64)>,
 }
+
+/// How long a stopping server lets queued frames (the typed abort) reach the clients.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(300);
+
+/// How often a progress line reports a stage that is still waiting.
+const PROGRESS_EVERY: Duration = Duration::from_secs(60);
 
 /// A frame body ready to write (header + payload), shared between recipients.
 type Outgoing = Arc<Vec<u8>>;
@@ -216,6 +229,26 @@ pub async fn serve(
     clock: Arc<dyn Clock>,
     on_listening: impl FnOnce(&Listening),
 ) -> Result<ServerReport, ServerError> {
+    serve_until(cfg, clock, Shutdown::never(), on_listening).await
+}
+
+/// [`serve`] until `shutdown` is requested: then the round under way is cancelled (participants get
+/// the typed `Cancelled` abort), recorded as aborted, the audit log says why, every connection is
+/// closed with [`CLOSE_SHUTDOWN`] and the report (with `shutdown` set) is returned.
+///
+/// Nothing is written before the whole configuration and its paths pass
+/// [`ServerConfig::preflight`].
+pub async fn serve_until(
+    cfg: ServerConfig,
+    clock: Arc<dyn Clock>,
+    shutdown: Shutdown,
+    on_listening: impl FnOnce(&Listening),
+) -> Result<ServerReport, ServerError> {
+    cfg.preflight()?;
+    let privacy = match &cfg.privacy {
+        Some(p) => Some(fedlora_dp::ServerPrivacy::new(p)?),
+        None => None,
+    };
     let registry = cfg.registry()?;
     // The federation's state is read (and checked against the configuration) before anything is
     // written.
@@ -280,10 +313,6 @@ pub async fn serve(
     });
     let accept = tokio::spawn(accept_loop(endpoint.clone(), ctx));
 
-    let privacy = match &cfg.privacy {
-        Some(p) => Some(fedlora_dp::ServerPrivacy::new(p)?),
-        None => None,
-    };
     let mut co = Coordinator {
         cfg,
         store,
@@ -292,38 +321,25 @@ pub async fn serve(
         rx,
         privacy,
         fed,
+        shutdown,
     };
     let mut rounds = Vec::new();
-    if co
-        .fed
-        .as_ref()
-        .is_some_and(|f| f.evaluates() && f.global.round == 0)
-    {
-        // The initial model's score, for comparison with every round after it.
-        let plan = co.eval_plan();
-        rounds.push(co.run_round(plan).await?);
-    }
-    for _ in 0..co.cfg.rounds.count {
-        let plan = co.next_plan();
-        let summary = co.run_round(plan).await?;
-        let evaluate = summary.status == "finished"
-            && summary.purpose == Purpose::Train
-            && co.fed.as_ref().is_some_and(ServerFederation::evaluates);
-        rounds.push(summary);
-        if evaluate {
-            let plan = co.eval_plan();
-            rounds.push(co.run_round(plan).await?);
-        }
-    }
+    let stopped = co.run_all(&mut rounds).await?;
     let federation = co.fed.as_ref().map(|f| FederationReport {
         rule: f.global.rule.name().into(),
         global_dir: f.dir().join("latest").display().to_string(),
         rounds_folded: f.global.round,
         scores: f.scores.clone(),
     });
-    co.finish().await;
+    match stopped {
+        None => co.finish().await,
+        Some(stop) => co.finish_shutdown(stop).await,
+    }
     accept.abort();
-    endpoint.close(CLOSE_OK.into(), b"done");
+    match stopped {
+        None => endpoint.close(CLOSE_OK.into(), b"done"),
+        Some(_) => endpoint.close(CLOSE_SHUTDOWN.into(), b"server shutting down"),
+    }
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     Ok(ServerReport {
         listen: addr.to_string(),
@@ -331,6 +347,7 @@ pub async fn serve(
         interrupted_rounds: interrupted,
         rounds,
         federation,
+        shutdown: stopped,
     })
 }
 
@@ -659,6 +676,8 @@ struct Coordinator {
     privacy: Option<fedlora_dp::ServerPrivacy>,
     /// The federated run (rule, global state), when a federation section is configured.
     fed: Option<ServerFederation>,
+    /// Asks the server to stop (SIGINT/SIGTERM).
+    shutdown: Shutdown,
 }
 
 /// What one round sums and how (a raw vector, a federated training round, an evaluation round).
@@ -735,6 +754,51 @@ impl RoundRun {
 }
 
 impl Coordinator {
+    /// Runs every round (federated: each training round followed by the evaluation of its
+    /// result) until the last one or a shutdown request; returns the request, if one stopped it.
+    async fn run_all(
+        &mut self,
+        rounds: &mut Vec<RoundSummary>,
+    ) -> Result<Option<Stop>, ServerError> {
+        let evaluates = |co: &Self| co.fed.as_ref().is_some_and(ServerFederation::evaluates);
+        if evaluates(self) && self.fed.as_ref().is_some_and(|f| f.global.round == 0) {
+            // The initial model's score, for comparison with every round after it.
+            let plan = self.eval_plan();
+            match self.run_round(plan).await {
+                Ok(summary) => rounds.push(summary),
+                Err(ServerError::Shutdown(stop)) => return Ok(Some(stop)),
+                Err(e) => return Err(e),
+            }
+        }
+        for _ in 0..self.cfg.rounds.count {
+            let plan = self.next_plan();
+            let summary = match self.run_round(plan).await {
+                Ok(summary) => summary,
+                Err(ServerError::Shutdown(stop)) => return Ok(Some(stop)),
+                Err(e) => return Err(e),
+            };
+            let evaluate = summary.status == "finished"
+                && summary.purpose == Purpose::Train
+                && evaluates(self);
+            rounds.push(summary);
+            if let Some(stop) = self.shutdown.requested() {
+                return Ok(Some(stop));
+            }
+            if evaluate {
+                let plan = self.eval_plan();
+                match self.run_round(plan).await {
+                    Ok(summary) => rounds.push(summary),
+                    Err(ServerError::Shutdown(stop)) => return Ok(Some(stop)),
+                    Err(e) => return Err(e),
+                }
+                if let Some(stop) = self.shutdown.requested() {
+                    return Ok(Some(stop));
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// Handles an event that is not part of a running round.
     fn on_event(
         &mut self,
@@ -1024,6 +1088,7 @@ impl Coordinator {
                     Some(ev) => self.on_event(ev, None, None),
                     None => return None,
                 },
+                _ = self.shutdown.wait() => return None,
                 _ = tokio::time::sleep_until(wake) => {}
             }
         }
@@ -1111,7 +1176,17 @@ impl Coordinator {
         let round = self.store.next_round()?;
         let started = Instant::now();
         info!(round, "waiting for clients");
-        let Some(members) = self.gather().await else {
+        let gathered = self.gather().await;
+        if let Some(stop) = self.shutdown.requested() {
+            // Stopped before the round started: nothing to record but the reason.
+            self.audit(
+                None,
+                "server_shutdown",
+                &format!("{}: stopped while waiting for clients", stop.signal),
+            );
+            return Err(ServerError::Shutdown(stop));
+        }
+        let Some(members) = gathered else {
             let reason = AbortReason::Cancelled {
                 detail: format!(
                     "only {} of {} required clients joined within {} ms",
@@ -1243,6 +1318,12 @@ impl Coordinator {
             ring_bits = params.ring_bits,
             "round started"
         );
+        info!(
+            target: "progress::server",
+            "round {round} ({}) started with {n} clients: {}",
+            plan.purpose.name(),
+            names.join(", ")
+        );
 
         let mut peers: Vec<(u32, String)> =
             roster.iter().map(|(i, pk)| (*i, pk.to_hex())).collect();
@@ -1311,6 +1392,8 @@ impl Coordinator {
         };
         let mut stage = proto.stage();
         let mut deadline = tokio::time::Instant::now() + timeout(stage);
+        let mut stage_opened = Instant::now();
+        let mut next_progress = tokio::time::Instant::now() + PROGRESS_EVERY;
         if let Some(s) = stage {
             info!(round, stage = %s, expected = proto.waiting_for().len(), "stage open");
         }
@@ -1333,6 +1416,7 @@ impl Coordinator {
             if proto.stage() != stage {
                 stage = proto.stage();
                 deadline = tokio::time::Instant::now() + timeout(stage);
+                stage_opened = Instant::now();
                 if let Some(s) = stage {
                     info!(round, stage = %s, expected = proto.waiting_for().len(), "stage open");
                 }
@@ -1361,6 +1445,31 @@ impl Coordinator {
                 _ = tokio::time::sleep_until(deadline) => {
                     info!(round, stage = %open, missing = proto.waiting_for().len(), "stage deadline");
                     self.close_stage(&mut run, &mut proto, open);
+                }
+                stop = self.shutdown.wait() => {
+                    let detail = format!("server shutting down ({})", stop.signal);
+                    warn!(round, stage = %open, "{}: cancelling the round", stop.signal);
+                    self.audit(
+                        Some(round),
+                        "server_shutdown",
+                        &format!("{}: round cancelled at stage {open}", stop.signal),
+                    );
+                    proto.cancel(detail);
+                }
+                _ = tokio::time::sleep_until(next_progress) => {
+                    next_progress += PROGRESS_EVERY;
+                    let waiting: Vec<String> = proto
+                        .waiting_for()
+                        .iter()
+                        .filter_map(|id| run.names.get(*id as usize).cloned())
+                        .collect();
+                    info!(
+                        target: "progress::server",
+                        "round {round}: stage {open} open for {:.0} s, waiting for {} of {n}: {}",
+                        stage_opened.elapsed().as_secs_f64(),
+                        waiting.len(),
+                        waiting.join(", ")
+                    );
                 }
             }
             self.flush(&run, &mut proto);
@@ -1467,6 +1576,55 @@ impl Coordinator {
                     &format!("survivors={:?} sha256={hash}", agg.survivors),
                 );
                 info!(round, survivors = agg.survivors.len(), sha256 = %hash, wall_ms, "round finished; sending global state");
+                let in_sum: Vec<String> = agg
+                    .survivors
+                    .iter()
+                    .filter_map(|id| run.names.get(*id as usize).cloned())
+                    .collect();
+                let written = match (plan.purpose, self.fed.as_ref()) {
+                    (Purpose::Train, Some(f)) => {
+                        format!(
+                            "global adapter written to {}",
+                            f.dir().join("latest").display()
+                        )
+                    }
+                    (Purpose::Eval, Some(f)) => f
+                        .scores
+                        .last()
+                        .map(|(_, m, l)| format!("held-out metric {m:.4}, loss {l:.4}"))
+                        .unwrap_or_default(),
+                    _ => format!(
+                        "aggregate written to {}",
+                        self.store
+                            .dir()
+                            .join("aggregates")
+                            .join(format!("round-{round:06}.bin"))
+                            .display()
+                    ),
+                };
+                info!(
+                    target: "progress::server",
+                    "round {round} ({}) finished in {:.1} s: {} of {n} clients in the sum ({}){}; {written}",
+                    plan.purpose.name(),
+                    wall_ms as f64 / 1000.0,
+                    in_sum.len(),
+                    in_sum.join(", "),
+                    if dropped.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            ", dropped: {}",
+                            dropped
+                                .iter()
+                                .map(|(id, stage)| format!(
+                                    "{} at {stage}",
+                                    run.names.get(*id as usize).cloned().unwrap_or_default()
+                                ))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    }
+                );
                 let mut payload = Vec::with_capacity(32 + bytes.len());
                 payload.extend_from_slice(&Sha256::digest(&bytes));
                 payload.extend_from_slice(&bytes);
@@ -1661,6 +1819,24 @@ impl Coordinator {
             }
             self.send_to(conn_id, Arc::new(body));
         }
+    }
+
+    /// After a shutdown request: closes every connection with [`CLOSE_SHUTDOWN`] (clients reconnect
+    /// to the next start instead of waiting for their idle timeout) and records why.
+    async fn finish_shutdown(&mut self, stop: Stop) {
+        // A moment for the abort frames already queued to the connection writers to reach the
+        // wire: closing a QUIC connection discards unsent stream data.
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+        let reason = format!("server shutting down ({})", stop.signal);
+        for c in self.conns.values() {
+            c.conn.close(CLOSE_SHUTDOWN.into(), reason.as_bytes());
+        }
+        self.conns.clear();
+        self.audit(
+            None,
+            "server_stopped",
+            &format!("{}: remaining rounds not run", stop.signal),
+        );
     }
 
     /// Tells every client there are no more rounds and waits briefly for them to hang up.

@@ -12,8 +12,8 @@ use crate::framing::{
     frame_head, read_frame, write_frame_parts, FrameError, Header, Kind, HEADER_LEN, SERVER,
 };
 use crate::identity::{IdentityKey, HELLO_CONTEXT};
-use crate::quic::{client_endpoint, connect, QuicError};
-use crate::tls::ServerTrust;
+use crate::quic::{client_endpoint_seen, connect, QuicError};
+use crate::tls::{Presented, ServerTrust};
 
 /// TLS exporter label for the hello signature (RFC 8446 §7.5).
 pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-fedlora-hello-v1";
@@ -27,6 +27,9 @@ pub const CLOSE_OK: u32 = 0;
 pub const CLOSE_REFUSED: u32 = 1;
 /// QUIC application close code: protocol violation (oversized or undecodable frame).
 pub const CLOSE_VIOLATION: u32 = 2;
+/// QUIC application close code: the server is shutting down (SIGINT/SIGTERM); the round under way
+/// was cancelled. Clients reconnect (`reconnect_attempts`) to the server's next start.
+pub const CLOSE_SHUTDOWN: u32 = 3;
 
 /// Errors on a client session.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +55,16 @@ pub enum SessionError {
     /// The connection ended.
     #[error("connection closed by server")]
     Closed,
+    /// The server presented a certificate other than the pinned one.
+    #[error("the server at {server} presented a certificate with fingerprint {presented}, but trust.server_fingerprint pins {expected}: if the server's certificate was replaced, pin the new fingerprint (the server prints it at start-up and writes it to data_dir/server.fingerprint); otherwise this is not your server")]
+    FingerprintMismatch {
+        /// Address connected to.
+        server: SocketAddr,
+        /// The pinned fingerprint (hex).
+        expected: String,
+        /// The presented certificate's fingerprint (hex).
+        presented: String,
+    },
 }
 
 impl SessionError {
@@ -76,7 +89,7 @@ impl SessionError {
 pub fn exporter(conn: &quinn::Connection) -> Result<[u8; 32], String> {
     let mut out = [0u8; 32];
     conn.export_keying_material(&mut out, EXPORTER_LABEL, b"")
-        .map_err(|e| format!("{e:?}"))?;
+        .map_err(|_| "the TLS session exports no keying material".to_string())?;
     Ok(out)
 }
 
@@ -136,10 +149,21 @@ impl ClientSession {
         max_frame: u32,
         timeout: Duration,
     ) -> Result<Self, SessionError> {
-        let endpoint = client_endpoint(server, trust)?;
+        let seen = Presented::default();
+        let endpoint = client_endpoint_seen(server, trust, &seen)?;
         let conn = tokio::time::timeout(timeout, connect(&endpoint, server, server_name))
             .await
-            .map_err(|_| SessionError::ConnectTimeout(server))??;
+            .map_err(|_| SessionError::ConnectTimeout(server))?
+            .map_err(|e| match (trust, seen.get()) {
+                (ServerTrust::Pin(pin), Some(presented)) if presented != *pin => {
+                    SessionError::FingerprintMismatch {
+                        server,
+                        expected: hex::encode(pin),
+                        presented: hex::encode(presented),
+                    }
+                }
+                _ => SessionError::from(e),
+            })?;
         let (mut send, mut recv) = conn
             .open_bi()
             .await
@@ -188,7 +212,7 @@ impl ClientSession {
                 String::from_utf8_lossy(payload).into_owned(),
             )),
             other => Err(SessionError::Violation(format!(
-                "expected welcome, got {other:?}"
+                "expected a welcome frame, got a {other} frame"
             ))),
         }
     }

@@ -181,8 +181,34 @@ impl ServerTrust {
     }
 }
 
+/// The certificate fingerprint a server presented to a pinning client, kept so that a refused
+/// handshake can say which certificate it got ("expected X, presented Y").
+#[derive(Debug, Clone, Default)]
+pub struct Presented(Arc<std::sync::Mutex<Option<[u8; 32]>>>);
+
+impl Presented {
+    /// The fingerprint of the last certificate presented, if a handshake got that far.
+    pub fn get(&self) -> Option<[u8; 32]> {
+        self.0.lock().ok().and_then(|g| *g)
+    }
+
+    fn set(&self, fp: [u8; 32]) {
+        if let Ok(mut g) = self.0.lock() {
+            *g = Some(fp);
+        }
+    }
+}
+
 /// The rustls client configuration for a trust decision.
 pub fn client_rustls_config(trust: &ServerTrust) -> Result<rustls::ClientConfig, TlsError> {
+    client_rustls_config_seen(trust, &Presented::default())
+}
+
+/// [`client_rustls_config`] that records the presented certificate's fingerprint in `seen`.
+pub fn client_rustls_config_seen(
+    trust: &ServerTrust,
+    seen: &Presented,
+) -> Result<rustls::ClientConfig, TlsError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?;
     let mut cfg = match trust {
@@ -191,6 +217,7 @@ pub fn client_rustls_config(trust: &ServerTrust) -> Result<rustls::ClientConfig,
             .with_custom_certificate_verifier(Arc::new(PinnedCert {
                 pin: *pin,
                 provider: provider(),
+                seen: seen.clone(),
             }))
             .with_no_client_auth(),
         ServerTrust::Ca(cas) => {
@@ -211,6 +238,7 @@ pub fn client_rustls_config(trust: &ServerTrust) -> Result<rustls::ClientConfig,
 struct PinnedCert {
     pin: [u8; 32],
     provider: Arc<CryptoProvider>,
+    seen: Presented,
 }
 
 impl ServerCertVerifier for PinnedCert {
@@ -222,7 +250,9 @@ impl ServerCertVerifier for PinnedCert {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if bool::from(fingerprint(end_entity).ct_eq(&self.pin)) {
+        let presented = fingerprint(end_entity);
+        self.seen.set(presented);
+        if bool::from(presented.ct_eq(&self.pin)) {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::InvalidCertificate(
@@ -335,6 +365,7 @@ mod tests {
         let v = PinnedCert {
             pin: a.fingerprint(),
             provider: provider(),
+            seen: Presented::default(),
         };
         let name = ServerName::try_from("localhost").expect("name");
         assert!(v

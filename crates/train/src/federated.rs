@@ -52,6 +52,7 @@ pub fn adapter_layout(
     for (module, target, p) in model.projections() {
         if lora.targets.contains(&target) {
             let (out, inp) = p.weight.dims2()?;
+            crate::lora::check_rank(rank, out, inp, &module)?;
             layers.push(agg::LayerSpec { module, out, inp });
         }
     }

@@ -48,6 +48,7 @@ pub mod llama;
 pub mod lora;
 pub mod model;
 pub mod ops;
+pub mod progress;
 pub mod rng;
 pub mod run;
 pub mod threads;

@@ -222,6 +222,7 @@ impl LoraLinear {
     /// makes the initial update zero, and a seeded Gaussian is what the issue asks for.
     pub fn attach(&mut self, cfg: &LoraConfig, rng: &mut SeededRng) -> Result<()> {
         let (out, inp) = self.weight.dims2()?;
+        check_rank(cfg.r, out, inp, "a target projection")?;
         let dev = self.weight.device();
         let a = rng.normal_tensor((cfg.r, inp), 1.0 / (cfg.r as f32).sqrt(), dev)?;
         let b = Tensor::zeros((out, cfg.r), candle_core::DType::F32, dev)?;
@@ -265,6 +266,18 @@ impl LoraLinear {
         }
         Ok(())
     }
+}
+
+/// Refuses a rank above a projection's width `min(out, in)`: `B·A` then has no more capacity than at
+/// that width, only more parameters (and memory).
+pub fn check_rank(r: usize, out: usize, inp: usize, what: &str) -> Result<()> {
+    let width = out.min(inp);
+    if r > width {
+        return Err(TrainError::invalid(format!(
+            "LoRA rank {r} is above the width {width} of {what} ({out}x{inp}): a rank above min(out, in) adds parameters but no capacity; use a rank of at most {width}"
+        )));
+    }
+    Ok(())
 }
 
 /// Attaches fresh adapters to every projection whose target `cfg` names, drawing from one seeded

@@ -210,12 +210,13 @@ pub fn train(model: &LoadedModel, examples: &[Encoded], cfg: &TrainConfig) -> Re
     })
 }
 
-/// A progress bar on stderr, hidden when `show` is false.
+/// A progress bar on stderr (a plain line every 30 s when stderr is not a terminal), hidden when
+/// `show` is false.
 pub fn progress_bar(len: u64, show: bool) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(
         Some(len),
         if show {
-            ProgressDrawTarget::stderr()
+            crate::progress::stderr_target()
         } else {
             ProgressDrawTarget::hidden()
         },

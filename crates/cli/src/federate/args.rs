@@ -6,6 +6,7 @@ use clap::Args;
 use fedlora_aggregate::RuleKind;
 use fedlora_train::LoraConfig;
 
+use crate::ranges;
 use crate::train_cmd::CommonArgs;
 
 /// Arguments of `fedlora federate`.
@@ -147,45 +148,19 @@ impl FederateArgs {
     /// Checks every flag that needs no data, before anything is loaded or written.
     pub fn plan(&self) -> anyhow::Result<Plan> {
         let rule: RuleKind = self.rule.parse()?;
-        if self.clients == 0 {
-            return Err(bad("--clients must be at least 1".into()));
-        }
-        if self.rounds == 0 {
-            return Err(bad("--rounds must be at least 1".into()));
-        }
-        if !(self.local_epochs.is_finite()
-            && self.local_epochs > 0.0
-            && self.local_epochs <= 1000.0)
-        {
-            return Err(bad(format!(
-                "--local-epochs must be in (0, 1000], got {}",
-                self.local_epochs
-            )));
-        }
-        if !(0.0..1.0).contains(&self.dropout) {
-            return Err(bad(format!(
-                "--dropout must be in [0, 1), got {}",
-                self.dropout
-            )));
-        }
+        ranges::int("--clients", self.clients as u64, 1, 100_000)?;
+        ranges::rounds("--rounds", self.rounds)?;
+        ranges::epochs("--local-epochs", self.local_epochs)?;
+        ranges::fraction("--dropout", self.dropout)?;
+        ranges::lr("--lr", self.lr)?;
         if !(self.value_clip.is_finite() && self.value_clip > 0.0 && self.value_clip <= 1e6) {
             return Err(bad(format!(
                 "--value-clip must be in (0, 1e6], got {}",
                 self.value_clip
             )));
         }
-        if self.batch_size == 0 || self.batch_size > 4096 {
-            return Err(bad(format!(
-                "--batch-size must be in 1..=4096, got {}",
-                self.batch_size
-            )));
-        }
-        if self.rank == 0 || self.rank > 4096 {
-            return Err(bad(format!(
-                "--rank must be in 1..=4096, got {}",
-                self.rank
-            )));
-        }
+        ranges::batch("--batch-size", self.batch_size)?;
+        ranges::rank("--rank", self.rank)?;
         let targets = LoraConfig::parse_targets(&self.targets)?;
         let (ranks, partitions) = match (&self.ranks, rule.uses_ranks()) {
             (Some(_), false) => {
@@ -205,8 +180,8 @@ impl FederateArgs {
                     .map(|s| s.trim().parse::<usize>())
                     .collect::<Result<_, _>>()
                     .map_err(|_| bad(format!("--ranks `{list}` is not a comma-separated list of ranks")))?;
-                if given.is_empty() || given.iter().any(|&r| r == 0 || r > 4096) {
-                    return Err(bad(format!("--ranks `{list}`: every rank must be in 1..=4096")));
+                for &r in &given {
+                    ranges::rank("each of --ranks", r)?;
                 }
                 let mut parts = given.clone();
                 parts.sort_unstable();
@@ -268,12 +243,7 @@ impl FederateArgs {
                 "secure aggregation needs at least 2 clients (use --privacy none for one)".into(),
             ));
         }
-        if self.out.is_file() {
-            return Err(bad(format!(
-                "--out {} is a file, not a directory",
-                self.out.display()
-            )));
-        }
+        ranges::out_dir("--out", &self.out)?;
         Ok(Plan {
             rule,
             lora,

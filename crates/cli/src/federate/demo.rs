@@ -12,8 +12,8 @@ use anyhow::Context;
 use fedlora_service::client::{run_client_with, ClientOptions, ClientReport};
 use fedlora_service::clock::SystemClock;
 use fedlora_service::config::{
-    ClientConfig, EnrolledClient, IdentityConfig, InputConfig, ProtocolConfig, RoundsConfig,
-    ServerConfig, ServerTlsConfig, TrustConfig,
+    ClientConfig, EnrolledClient, IdentityConfig, ProtocolConfig, RoundsConfig, ServerConfig,
+    ServerTlsConfig, TrustConfig,
 };
 use fedlora_service::federated::{Contributor, FederationSection, Purpose, TrainSection};
 use fedlora_service::identity::IdentityKey;
@@ -226,7 +226,7 @@ fn run_in(
         let mut tasks = Vec::new();
         for (i, (contributor, section)) in contributors.into_iter().zip(sections).enumerate() {
             let cfg = ClientConfig {
-                server: listening.addr,
+                server: listening.addr.into(),
                 server_name: "localhost".into(),
                 trust: TrustConfig {
                     server_fingerprint: Some(hex::encode(listening.fingerprint)),
@@ -236,7 +236,7 @@ fn run_in(
                     key_file: None,
                     key: Some(hex::encode(*keys[i].seed()).into()),
                 },
-                input: InputConfig::default(),
+                input: None,
                 max_rounds: None,
                 privacy: privacy.clone(),
                 connect_timeout_ms: 10_000,

@@ -12,7 +12,9 @@ use fedlora_train::model::{LoadedModel, ModelSpec};
 use fedlora_train::run::TaskSpec;
 use fedlora_train::LoraConfig;
 
+use crate::exit;
 use crate::output::emit;
+use crate::ranges;
 
 /// Arguments of `fedlora layout`.
 #[derive(Debug, Args)]
@@ -49,31 +51,42 @@ pub fn run(args: LayoutArgs, json: bool) -> anyhow::Result<()> {
             .map(|s| s.trim().parse::<usize>())
             .collect::<Result<_, _>>()
             .map_err(|_| {
-                anyhow::anyhow!("--ranks `{list}` is not a comma-separated list of ranks")
+                exit::refuse(format!(
+                    "--ranks `{list}` is not a comma-separated list of ranks"
+                ))
             })?,
         None => vec![args.rank],
     };
+    for &r in &ranks {
+        ranges::rank(
+            if args.ranks.is_some() {
+                "each of --ranks"
+            } else {
+                "--rank"
+            },
+            r,
+        )?;
+    }
     let rank = ranks.iter().copied().max().unwrap_or(args.rank);
     let lora = LoraConfig {
         r: rank,
         alpha: args.alpha,
         dropout: 0.0,
-        targets: LoraConfig::parse_targets(&args.targets)?,
+        targets: LoraConfig::parse_targets(&args.targets).map_err(exit::refused)?,
     };
-    lora.validate()?;
-    if args.out.is_dir() {
-        anyhow::bail!("--out {} is a directory", args.out.display());
-    }
-    let task = TaskSpec::parse(&args.task)?;
-    let data = task.load(0)?;
+    lora.validate().map_err(exit::refused)?;
+    ranges::out_file("--out", &args.out)?;
+    let task = TaskSpec::parse(&args.task).map_err(exit::refused)?;
+    let data = task.load(0).map_err(exit::refused)?;
     let spec = args
         .model
         .as_deref()
         .map(ModelSpec::parse)
         .unwrap_or_else(|| task.default_model(&data));
-    let model = LoadedModel::load(&spec, data.labels.len().max(2), 0, &Device::Cpu)?;
-    model.check_task(&data)?;
-    let layout = adapter_layout(&model, &lora, &ranks)?;
+    let model = LoadedModel::load(&spec, data.labels.len().max(2), 0, &Device::Cpu)
+        .map_err(exit::refused)?;
+    model.check_task(&data).map_err(exit::refused)?;
+    let layout = adapter_layout(&model, &lora, &ranks).map_err(exit::refused)?;
     super::store::write_atomic(&args.out, serde_json::to_string_pretty(&layout)?.as_bytes())?;
     let value = serde_json::json!({
         "layout": args.out.display().to_string(), "model": layout.model, "rank": layout.rank,

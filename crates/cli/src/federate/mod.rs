@@ -22,7 +22,8 @@ use fedlora_train::run::TaskSpec;
 use fedlora_train::TrainConfig;
 use serde::Serialize;
 
-use crate::output::{emit, Reported};
+use crate::exit;
+use crate::output::emit_outcome;
 use crate::progress::Progress;
 use args::{FederateArgs, Plan, PrivacyChoice};
 use store::{Baseline, Fingerprint, RunDir};
@@ -66,18 +67,18 @@ struct Report {
 /// Runs `fedlora federate`.
 pub fn run(args: FederateArgs, json: bool) -> anyhow::Result<()> {
     let wall = Instant::now();
-    let plan = args.plan()?;
-    let (threads, dev) = args.common.threads_and_device()?;
-    let task = TaskSpec::parse(&args.task)?;
+    let plan = args.plan().map_err(exit::refused)?;
+    let (threads, dev) = args.common.threads_and_device().map_err(exit::refused)?;
+    let task = TaskSpec::parse(&args.task).map_err(exit::refused)?;
     let max_len = args.common.max_len_for(&task);
     let seed = args.common.seed;
-    let mut data = task.load(seed)?;
+    let mut data = task.load(seed).map_err(exit::refused)?;
     data.truncate(args.train_examples, args.eval_examples);
     if data.test.is_empty() {
-        anyhow::bail!(
+        return Err(exit::refuse(format!(
             "task {} has no held-out examples to score the global model",
             data.name
-        );
+        )));
     }
     let spec = args
         .common
@@ -85,10 +86,12 @@ pub fn run(args: FederateArgs, json: bool) -> anyhow::Result<()> {
         .as_deref()
         .map(ModelSpec::parse)
         .unwrap_or_else(|| task.default_model(&data));
-    let model = LoadedModel::load(&spec, data.labels.len().max(2), seed, &dev)?;
-    model.check_task(&data)?;
-    let layout = adapter_layout(&model, &plan.lora, &plan.partitions)?;
-    let fm = FederatedModel::new(model, layout.clone(), plan.lora.dropout)?;
+    let model =
+        LoadedModel::load(&spec, data.labels.len().max(2), seed, &dev).map_err(exit::refused)?;
+    model.check_task(&data).map_err(exit::refused)?;
+    let layout = adapter_layout(&model, &plan.lora, &plan.partitions).map_err(exit::refused)?;
+    let fm =
+        FederatedModel::new(model, layout.clone(), plan.lora.dropout).map_err(exit::refused)?;
     let client_data = ClientData::split(
         &data,
         &fm,
@@ -97,7 +100,8 @@ pub fn run(args: FederateArgs, json: bool) -> anyhow::Result<()> {
         max_len,
         args.loss_on_prompt,
         seed,
-    )?;
+    )
+    .map_err(exit::refused)?;
     let privacy = match &plan.privacy {
         PrivacyChoice::None => Privacy::None,
         PrivacyChoice::SecAgg => Privacy::SecAgg,
@@ -110,7 +114,8 @@ pub fn run(args: FederateArgs, json: bool) -> anyhow::Result<()> {
             delta.unwrap_or(1.0 / data.train.len() as f64),
             *clip_norm,
             args.rounds,
-        )?,
+        )
+        .map_err(exit::refused)?,
     };
     let cfg = FederationConfig {
         rule: plan.rule,
@@ -125,7 +130,9 @@ pub fn run(args: FederateArgs, json: bool) -> anyhow::Result<()> {
     let run_dir = RunDir::new(&args.out);
     let resume = run_dir.has_run() && !args.restart;
     if resume {
-        run_dir.check_fingerprint(&fingerprint)?;
+        run_dir
+            .check_fingerprint(&fingerprint)
+            .map_err(exit::refused)?;
     }
     let train = TrainConfig {
         steps: 1,
@@ -138,7 +145,7 @@ pub fn run(args: FederateArgs, json: bool) -> anyhow::Result<()> {
         pad_to: None,
         progress: false,
     };
-    train.validate()?;
+    train.validate().map_err(exit::refused)?;
     let settings = LocalSettings {
         train,
         epochs: args.local_epochs,
@@ -252,17 +259,30 @@ pub fn run(args: FederateArgs, json: bool) -> anyhow::Result<()> {
         wall.elapsed().as_secs_f64(),
         metric_name,
     );
-    emit(json, || human(&report), &report)?;
-    if !report.aborted_rounds.is_empty() {
-        return Err(Reported(format!(
-            "{} of {} rounds aborted (rounds {:?}); the global adapter holds the rounds that finished",
+    let code = if report.aborted_rounds.is_empty() {
+        exit::OK
+    } else {
+        exit::ROUNDS_ABORTED
+    };
+    emit_outcome(
+        json,
+        || human(&report),
+        &report,
+        code,
+        || {
+            format!(
+            "{} of {} rounds aborted (rounds {}); the global adapter holds the rounds that finished",
             report.aborted_rounds.len(),
             args.rounds,
-            report.aborted_rounds
-        ))
-        .into());
-    }
-    Ok(())
+            report
+                .aborted_rounds
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+        },
+    )
 }
 
 /// Writes the global adapter (PEFT) of the run so far.
@@ -364,8 +384,9 @@ fn human(r: &Report) -> String {
     );
     if let Some(e) = r.epsilon {
         s.push_str(&format!(
-            "\n  epsilon spent {e:.3} (target {:?}, delta {:?})",
-            r.epsilon_target, r.delta
+            "\n  epsilon spent {e:.3} (target {}, delta {})",
+            r.epsilon_target.map_or("none".into(), |t| t.to_string()),
+            r.delta.map_or("none".into(), |d| d.to_string())
         ));
     }
     if let Some(t) = r.truncation_error {
