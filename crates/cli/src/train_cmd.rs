@@ -160,30 +160,48 @@ fn check_train_args(args: &TrainArgs) -> anyhow::Result<()> {
 /// divergence: the adapter is not saved.
 const DIVERGED_RATIO: f64 = 4.0;
 
+/// The losses a finished run is judged by.
+#[derive(Debug, Clone, Copy)]
+struct Losses {
+    /// Held-out loss before training (`--baseline`), else the first step's training loss.
+    start: f64,
+    /// Held-out loss after training.
+    end: f64,
+    /// The last step's training loss.
+    last_step: f64,
+}
+
+impl Losses {
+    fn of(report: &fedlora_train::run::ClientReport) -> Self {
+        Losses {
+            start: report
+                .before
+                .as_ref()
+                .map_or(report.train.first_loss, |b| b.loss),
+            end: report.after.loss,
+            last_step: report.final_loss,
+        }
+    }
+}
+
 /// Refuses the result of a run that diverged: a non-finite loss or adapter value, or a held-out
 /// loss that grew far beyond where it started.
-fn check_converged(
-    report: &fedlora_train::run::ClientReport,
-    adapter: &[f32],
-    lr: f64,
-) -> anyhow::Result<()> {
-    let start = report
-        .before
-        .as_ref()
-        .map_or(report.train.first_loss, |b| b.loss);
-    let end = report.after.loss;
+fn check_converged(l: Losses, adapter: &[f32], lr: f64) -> anyhow::Result<()> {
     let bad_values = adapter.iter().filter(|v| !v.is_finite()).count();
-    if bad_values > 0 || !end.is_finite() || !report.final_loss.is_finite() {
+    if bad_values > 0 || !l.end.is_finite() || !l.last_step.is_finite() {
         anyhow::bail!(
-            "training diverged: {bad_values} of {} adapter values are not finite, held-out loss {end}, last training loss {}; the adapter was not saved: lower --lr (now {lr})",
+            "training diverged: {bad_values} of {} adapter values are not finite, held-out loss {}, last training loss {}; the adapter was not saved: lower --lr (now {lr})",
             adapter.len(),
-            report.final_loss
+            l.end,
+            l.last_step
         );
     }
-    if end > DIVERGED_RATIO * start.max(0.0) + 1.0 {
+    if l.end > DIVERGED_RATIO * l.start.max(0.0) + 1.0 {
         anyhow::bail!(
-            "training diverged: held-out loss rose from {start:.4} to {end:.4} (last training loss {:.4}); the adapter was not saved: lower --lr (now {lr})",
-            report.final_loss
+            "training diverged: held-out loss rose from {:.4} to {:.4} (last training loss {:.4}); the adapter was not saved: lower --lr (now {lr})",
+            l.start,
+            l.end,
+            l.last_step
         );
     }
     Ok(())
@@ -233,7 +251,7 @@ pub fn run_train(args: TrainArgs, json: bool) -> anyhow::Result<()> {
     };
     let (model, report) = run_client(&job, threads, &dev)?;
     let values = fedlora_train::adapter::flatten(&fedlora_train::adapter::adapter_tensors(&model))?;
-    check_converged(&report, &values, args.lr)?;
+    check_converged(Losses::of(&report), &values, args.lr)?;
     if let Some(out) = &args.out {
         save_adapter(&model, &lora, out)
             .with_context(|| format!("saving the adapter to {}", out.display()))?;
@@ -487,4 +505,34 @@ pub fn run_generate(args: GenerateArgs, json: bool) -> anyhow::Result<()> {
         "threads": threads,
     });
     emit(json, || text.clone(), &value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_diverged_run_is_refused_and_a_sound_one_kept() {
+        let sound = Losses {
+            start: 0.69,
+            end: 0.31,
+            last_step: 0.2,
+        };
+        assert!(check_converged(sound, &[0.1, -0.2], 1e-3).is_ok());
+        // The issue's `--lr 1e30` run: a loss of 1e29.
+        let blown = Losses {
+            end: 1e29,
+            last_step: 1e29,
+            ..sound
+        };
+        let e = check_converged(blown, &[0.1], 1e-3).expect_err("diverged");
+        assert!(e.to_string().contains("not saved"), "{e}");
+        let nan = check_converged(sound, &[f32::NAN, 0.0], 1e-3).expect_err("nan");
+        assert!(nan.to_string().contains("1 of 2 adapter values"), "{nan}");
+        let inf = Losses {
+            end: f64::INFINITY,
+            ..sound
+        };
+        assert!(check_converged(inf, &[0.0], 1e-3).is_err());
+    }
 }
