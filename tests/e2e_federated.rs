@@ -172,7 +172,7 @@ fn bad_federate_flags_are_refused_before_anything_is_written() {
     for (i, (flags, want)) in cases.iter().enumerate() {
         let out = dir.join(format!("case-{i}"));
         let (code, v, log) = federate(&out, flags);
-        assert_ne!(code, 0, "{flags:?} was accepted");
+        assert_eq!(code, 2, "{flags:?}: refused (exit code 2)");
         let msg = v["error"].as_str().map(String::from).unwrap_or(log);
         assert!(msg.contains(want), "{flags:?}: {msg}");
         assert!(!out.exists(), "{flags:?} wrote {}", out.display());

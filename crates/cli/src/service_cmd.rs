@@ -463,10 +463,11 @@ impl Drop for DemoDir {
 
 /// Runs `fedlora demo`.
 pub fn run_demo_cmd(args: DemoArgs, json: bool, verbose: u8) -> anyhow::Result<()> {
-    // The demo prints its own summary; -v shows the service's progress lines and protocol steps.
+    // The demo prints its own summary; by default the server's progress lines show it moving
+    // (the clients' would repeat them), -v adds every protocol step.
     fedlora_service::logging::init(match verbose {
-        0 => "warn",
-        v => filter_for(v - 1),
+        0 => "warn,progress::server=info",
+        v => filter_for(v),
     });
     check_demo_args(&args)?;
     if args.synthetic {
